@@ -1,0 +1,16 @@
+"""seqpack: packed variable-length training and sequence parallelism for Hugging Face causal LMs.
+
+    import seqpack                                   # registers attn_implementation="seqpack"
+    batch = seqpack.pack([[5, 6, 7], [8, 9]])
+    model = seqpack.dispatch(model)
+    loss = seqpack.causal_lm_loss(model(**batch.model_inputs()).logits, batch)
+"""
+
+from .attention import dispatch, register
+from .batch import IGNORE_INDEX, PackedBatch, pack
+from .loss import causal_lm_loss
+
+register()
+
+__version__ = "0.1.0"
+__all__ = ["IGNORE_INDEX", "PackedBatch", "causal_lm_loss", "dispatch", "pack", "register"]

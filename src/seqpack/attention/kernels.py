@@ -1,0 +1,194 @@
+"""Exact variable-length causal attention kernels, flash-attn layout.
+
+Shape legend: T packed tokens, n documents, N query heads, Nkv key/value heads, D head dim, L bucket length.
+Every kernel takes q [T, N, D], k/v [T, Nkv, D] and the host list ``cu`` (n+1 boundaries) and returns [T, N, D].
+Token t attends to token s only when both are in the same document, s <= t, and (with a window W) t - s < W.
+
+Backends:
+- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, if installed): window, softcap, dropout, GQA.
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA): window, GQA; no softcap, no dropout.
+- ``sdpa``: any device. Documents are grouped into buckets of similar length, right-padded to the bucket's
+  longest, and run as one causal ``scaled_dot_product_attention`` batch per bucket. Right padding never changes a
+  real token's result under a causal mask, so this is exact, and memory is O(sum of bucket L^2), never O(T^2).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """What one attention call asks for (from the model's attention module)."""
+
+    scale: float
+    sliding_window: int | None = None  # attend to the last W tokens including itself
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap)
+    dropout: float = 0.0
+
+
+def flash_attn_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def torch_varlen_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device, spec: AttnSpec) -> str:
+    """Pick a backend for this call; raise ValueError when an explicitly chosen backend cannot serve it."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        if device.type == "cuda" and flash_attn_available():
+            return "flash_attn"
+        if device.type == "cuda" and torch_varlen_available() and spec.softcap is None and spec.dropout == 0.0:
+            return "torch_varlen"
+        return "sdpa"
+    if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
+        raise ValueError(f"attention backend {name!r} needs CUDA tensors, got device {device}; use backend='sdpa'")
+    if name == "flash_attn" and not flash_attn_available():
+        raise ValueError("attention backend 'flash_attn' requested but flash-attn is not installed; "
+                         "pip install flash-attn, or use backend='auto'")
+    if name == "torch_varlen":
+        if not torch_varlen_available():
+            raise ValueError("attention backend 'torch_varlen' needs torch.nn.attention.varlen (torch >= 2.9) on CUDA")
+        if spec.softcap is not None:
+            raise ValueError(f"attention backend 'torch_varlen' cannot apply logit softcap ({spec.softcap}); "
+                             "use backend='flash_attn' or 'sdpa'")
+        if spec.dropout:
+            raise ValueError(f"attention backend 'torch_varlen' cannot apply attention dropout ({spec.dropout}); "
+                             "use backend='flash_attn' or 'sdpa', or set attention_dropout=0")
+    return name
+
+
+def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, backend: str = "auto",
+                     cu_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention within documents. q [T, N, D], k/v [T, Nkv, D] -> [T, N, D]."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
+    backend = resolve_backend(backend, q.device, spec)
+    if backend == "sdpa":
+        return _bucketed_sdpa(q, k, v, cu, spec)
+    if cu_tensor is None or cu_tensor.device != q.device:
+        cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
+    cu_tensor = cu_tensor.to(torch.int32)
+    left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
+    if backend == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        return flash_attn_varlen_func(
+            q, k, v, cu_tensor, cu_tensor, max_seqlen, max_seqlen, dropout_p=spec.dropout, softmax_scale=spec.scale,
+            causal=True, window_size=(left, 0), softcap=spec.softcap or 0.0,
+        )
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_tensor, cu_tensor, max_seqlen, max_seqlen, scale=spec.scale,
+                       window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+
+
+def length_buckets(lengths: list[int], min_fill: float = 0.75) -> list[list[int]]:
+    """Group document indices so that every document in a bucket has at least ``min_fill`` of the bucket's
+    longest length (bounds the padded work to 1/min_fill^2 of the exact work). Longest buckets first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] >= min_fill * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
+def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:
+    T = q.shape[0]
+    starts, lengths = cu[:-1], [b - a for a, b in zip(cu, cu[1:])]
+    if len(lengths) == 1:  # one document spans the row: no gather needed
+        return _dense_causal(q[None], k[None], v[None], spec)[0]
+    outs, token_index = [], []
+    for bucket in length_buckets(lengths):
+        L = lengths[bucket[0]]
+        first = torch.tensor([starts[i] for i in bucket], device=q.device)
+        idx = (first[:, None] + torch.arange(L, device=q.device)).clamp_(max=T - 1)  # [nb, L]; pad slots reuse tokens
+        valid = torch.arange(L, device=q.device)[None, :] < torch.tensor([lengths[i] for i in bucket],
+                                                                            device=q.device)[:, None]
+        out = _dense_causal(q[idx], k[idx], v[idx], spec)  # [nb, L, N, D]
+        outs.append(out[valid])  # [sum l, N, D]
+        token_index.append(idx[valid])
+    token_index = torch.cat(token_index)
+    inverse = torch.empty_like(token_index)
+    inverse[token_index] = torch.arange(T, device=q.device)
+    return torch.cat(outs)[inverse]
+
+
+def _dense_causal(q, k, v, spec: AttnSpec) -> torch.Tensor:
+    """Causal attention over equal-length rows. q [B, L, N, D], k/v [B, L, Nkv, D] -> [B, L, N, D]."""
+    L = q.shape[1]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
+    dropout = spec.dropout if torch.is_grad_enabled() else 0.0
+    window = spec.sliding_window if spec.sliding_window is not None and spec.sliding_window < L else None
+    if spec.softcap is None:
+        mask = causal_mask(L, L, window, q.device) if window is not None else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
+                                             scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1])
+    else:
+        out = _math_attention(q, k, v, causal_mask(L, L, window, q.device), spec, dropout)
+    return out.transpose(1, 2)
+
+
+def causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.Tensor:
+    """[q_len, kv_len] bool, True = may attend; queries are the last q_len positions of the keys."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    kpos = torch.arange(kv_len, device=device)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return mask
+
+
+def _math_attention(q, k, v, mask, spec: AttnSpec, dropout: float) -> torch.Tensor:
+    """Reference math with softcap and GQA without repeating KV. q [B, N, Lq, D], k/v [B, Nkv, Lk, D], mask
+    broadcastable to [B, N, Lq, Lk] (True = attend) -> [B, N, Lq, D]."""
+    B, N, Lq, D = q.shape
+    Nkv = k.shape[1]
+    qg = q.reshape(B, Nkv, N // Nkv, Lq, D)  # [B, Nkv, g, Lq, D]
+    scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * spec.scale  # [B, Nkv, g, Lq, Lk]
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if mask is not None:
+        if mask.dim() == 4:  # [B or 1, N or 1, Lq, Lk] -> group layout
+            mask = mask.reshape(mask.shape[0], -1, 1, Lq, mask.shape[-1]) if mask.shape[1] == 1 else \
+                mask.reshape(mask.shape[0], Nkv, N // Nkv, Lq, mask.shape[-1])
+        scores = scores.masked_fill(~mask, -math.inf)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    probs = torch.nan_to_num(probs)  # rows with no visible key (fully masked padding) give 0, not NaN
+    if dropout:
+        probs = F.dropout(probs, p=dropout, training=True)
+    return torch.matmul(probs, v[:, :, None]).reshape(B, N, Lq, D)
+
+
+def masked_attention(q, k, v, mask: torch.Tensor | None, spec: AttnSpec) -> torch.Tensor:
+    """Unpacked attention with a dense mask (generation with a cache, padded batches).
+    q [B, N, Lq, D], k/v [B, Nkv, Lk, D], mask [B|1, 1, Lq, Lk] bool or None (causal) -> [B, N, Lq, D]."""
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], spec.sliding_window, q.device)
+    dropout = spec.dropout if torch.is_grad_enabled() else 0.0
+    if mask.dtype != torch.bool:
+        mask = mask == 0  # additive float mask: 0 = attend
+    if spec.softcap is None:
+        return torch.nan_to_num(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1]))
+    return _math_attention(q, k, v, mask, spec, dropout)

@@ -1,0 +1,46 @@
+"""``seqpack`` command line: one subcommand per module, imported only when used.
+
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("seqpack.train.cli", "train a model from an InternEvo-style config (default: embedded demo run)"),
+    "generate": ("seqpack.train.generate", "sample text from a run folder or a Hugging Face model folder"),
+    "demo": ("seqpack.demo", "packed training demo on a tiny model and the embedded corpus"),
+    "tokenize": ("seqpack.data.tokenize_cli", "tokenize JSONL / parquet / datasets folders into ftdp format"),
+    "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp)"),
+    "convert": ("seqpack.convert.cli", "convert checkpoints between InternEvo and Hugging Face formats"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help") and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+            print(f"seqpack: unknown command {argv[0]!r}", file=sys.stderr)
+        if not argv or argv[0].startswith("-"):
+            if argv and argv[0] not in ("-h", "--help") and "train" in COMMANDS:
+                argv = ["train", *argv]  # `seqpack --data.seq_len 512` means `seqpack train ...`
+            elif not argv:
+                argv = ["train"]  # `seqpack` alone runs the embedded default training job
+        if argv[0] not in COMMANDS:
+            print("usage: seqpack COMMAND [options]\n\ncommands:", file=sys.stderr)
+            for name, (_, help_text) in COMMANDS.items():
+                print(f"  {name:10s} {help_text}", file=sys.stderr)
+            return 0 if argv[0] in ("-h", "--help") else 2
+    name, rest = argv[0], argv[1:]
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"seqpack {name}", description=COMMANDS[name][1])
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
