@@ -21,25 +21,25 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        if argv and argv[0] not in ("-h", "--help") and argv[0] not in COMMANDS and not argv[0].startswith("-"):
-            print(f"seqpack: unknown command {argv[0]!r}", file=sys.stderr)
-        if not argv or argv[0].startswith("-"):
-            if argv and argv[0] not in ("-h", "--help") and "train" in COMMANDS:
-                argv = ["train", *argv]  # `seqpack --data.seq_len 512` means `seqpack train ...`
-            elif not argv:
-                argv = ["train"]  # `seqpack` alone runs the embedded default training job
-        if argv[0] not in COMMANDS:
-            print("usage: seqpack COMMAND [options]\n\ncommands:", file=sys.stderr)
-            for name, (_, help_text) in COMMANDS.items():
-                print(f"  {name:10s} {help_text}", file=sys.stderr)
-            return 0 if argv[0] in ("-h", "--help") else 2
+    if argv and argv[0] in ("-h", "--help"):
+        return _usage(0)
+    if not argv or argv[0].startswith("-"):
+        argv = ["train", *argv]  # `seqpack` alone runs the embedded default training job
+    if argv[0] not in COMMANDS:
+        print(f"seqpack: unknown command {argv[0]!r}", file=sys.stderr)
+        return _usage(2)
     name, rest = argv[0], argv[1:]
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"seqpack {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+def _usage(code: int) -> int:
+    print("usage: seqpack COMMAND [options]\n\ncommands:", file=sys.stderr)
+    for name, (_, help_text) in COMMANDS.items():
+        print(f"  {name:10s} {help_text}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":
