@@ -1,0 +1,21 @@
+"""``seqpack bench NAME``: benchmarks that compare seqpack with the natural alternative in the same run.
+
+- ``packing``: seqpack varlen vs transformers' packed SDPA path (dense block mask) vs padded batches.
+- ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp"}
+
+
+def add_arguments(parser):
+    parser.add_argument("name", choices=sorted(BENCHES), help="which benchmark")
+    parser.add_argument("rest", nargs="...", help="options of that benchmark (see seqpack bench NAME --help)")
+
+
+def run(args):
+    module = importlib.import_module(BENCHES[args.name])
+    return module.main(args.rest)
