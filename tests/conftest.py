@@ -17,6 +17,8 @@ FAMILIES = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
     "gemma2": dict(sliding_window=5, attn_logit_softcapping=3.0, final_logit_softcapping=8.0, head_dim=16,
                    query_pre_attn_scalar=16),
+    "gemma3_text": dict(sliding_window=5, head_dim=16, query_pre_attn_scalar=16),
+    "phi3": dict(),
 }
 
 
