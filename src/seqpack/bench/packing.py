@@ -57,8 +57,9 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(method: str, T: int, steps: int, seed: int, dist: str) -> dict:
-    """Time ``steps`` training steps (after one warm-up) of ``method`` on a row of T tokens; in this process."""
+def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_only: bool = False) -> dict:
+    """Time ``steps`` training steps (after one warm-up) of ``method`` on a row of T tokens; in this process.
+    ``attention_only``: forward + backward of one attention call (the model's q/k/v shapes) instead of the model."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -69,13 +70,19 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str) -> dict:
     docs = [torch.randint(3, MODEL["vocab_size"], (n,)) for n in lengths]
     cfg = AutoConfig.for_model("llama", **MODEL)
     impl = {"seqpack": "seqpack", "sdpa-packed": "sdpa", "padded": "sdpa"}[method]
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=impl).float()
+    cfg._attn_implementation = impl
+    model = _AttentionOnly(cfg) if attention_only else AutoModelForCausalLM.from_config(cfg, attn_implementation=impl)
     batch = seqpack.pack(docs)
+
+    def loss_of(inputs, labels, num_valid):
+        if attention_only:
+            return model(**inputs).sum() / num_valid
+        return seqpack.causal_lm_loss(model(**inputs).logits, labels, num_valid=num_valid)
 
     def packed_step():
         inputs = batch.model_inputs() if method == "seqpack" else dict(input_ids=batch.input_ids,
                                                                         position_ids=batch.position_ids)
-        seqpack.causal_lm_loss(model(**inputs).logits, batch).backward()
+        loss_of(inputs, batch.shift_labels, batch.num_valid_targets).backward()
 
     micro_batches = _padded_micro_batches(lengths, T)
 
@@ -89,8 +96,7 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str) -> dict:
             for r, i in enumerate(group):
                 ids[r, :lengths[i]], mask[r, :lengths[i]] = docs[i], 1
                 labels[r, :lengths[i] - 1] = docs[i][1:]
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            seqpack.causal_lm_loss(logits, labels, num_valid=valid).backward()
+            loss_of(dict(input_ids=ids, attention_mask=mask), labels, valid).backward()
 
     step = padded_step if method == "padded" else packed_step
     base = _rss_mb()
@@ -102,6 +108,33 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str) -> dict:
     slots = sum(len(g) * max(lengths[i] for i in g) for g in micro_batches)
     return dict(method=method, T=T, docs=len(lengths), step_s=seconds, tokens_per_s=T / seconds,
                 peak_mb=_peak_rss_mb() - base, slot_waste=slots / T)
+
+
+class _AttentionOnly:
+    """Stands in for the model: random q/k/v of the model's shapes through the registered attention function only,
+    with the mask transformers itself builds for it. Returns the attention output [B, L, N, D]."""
+
+    def __init__(self, cfg):
+        import torch
+        from transformers import AttentionInterface
+
+        self.cfg, self.torch = cfg, torch
+        self.n, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.d = cfg.hidden_size // self.n
+        self.fn = AttentionInterface()[cfg._attn_implementation]
+        self.module = torch.nn.Module()
+        self.module.num_key_value_groups, self.module.is_causal, self.module.layer_idx = self.n // self.nkv, True, 0
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+        from transformers.masking_utils import create_causal_mask
+
+        torch = self.torch
+        B, L = input_ids.shape
+        q = torch.randn(B, self.n, L, self.d, requires_grad=True)
+        k, v = (torch.randn(B, self.nkv, L, self.d, requires_grad=True) for _ in range(2))
+        mask = create_causal_mask(config=self.cfg, inputs_embeds=torch.empty(B, L, 1), attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        return self.fn(self.module, q, k, v, mask, scaling=self.d ** -0.5, position_ids=position_ids, **kwargs)[0]
 
 
 def _padded_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -124,19 +157,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dist", choices=("lognormal", "stdlib"), default="lognormal", help="document lengths")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="time one attention call (fwd+bwd) with the mask transformers builds, not the model")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.seed, args.dist)))
+        print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.seed, args.dist,
+                                    args.attention_only)))
         return 0
 
-    print(f"model: llama {MODEL}; documents: {args.dist}; threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+    what = "one attention call of" if args.attention_only else "training step of"
+    print(f"{what} llama {MODEL}; documents: {args.dist}; threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
     results = []
     for T in args.lengths:
         for method in args.methods:
             cmd = [sys.executable, "-m", "seqpack.bench.packing", "--one", method, str(T), "--steps", str(args.steps),
-                   "--seed", str(args.seed), "--dist", args.dist]
+                   "--seed", str(args.seed), "--dist", args.dist] + ["--attention-only"] * args.attention_only
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
