@@ -8,9 +8,10 @@
 
 from .attention import dispatch, register
 from .batch import IGNORE_INDEX, PackedBatch, pack
+from .data import build_packed_loader
 from .loss import causal_lm_loss
 
 register()
 
 __version__ = "0.1.0"
-__all__ = ["IGNORE_INDEX", "PackedBatch", "causal_lm_loss", "dispatch", "pack", "register"]
+__all__ = ["IGNORE_INDEX", "PackedBatch", "build_packed_loader", "causal_lm_loss", "dispatch", "pack", "register"]

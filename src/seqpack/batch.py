@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
 import torch
 
 IGNORE_INDEX = -100
@@ -121,11 +122,10 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> list[int]:
 
 
 def positions_from_cu_seqlens(cu: Sequence[int], device=None) -> torch.Tensor:
-    """[T] positions restarting at 0 at each boundary."""
-    cu_t = torch.as_tensor(cu, dtype=torch.long)
-    lengths = cu_t.diff()
-    starts = torch.repeat_interleave(cu_t[:-1], lengths)
-    return (torch.arange(int(cu_t[-1])) - starts).to(device)
+    """[T] int64 positions restarting at 0 at each boundary."""
+    cu_np = np.asarray(cu, dtype=np.int64)
+    positions = np.arange(cu_np[-1], dtype=np.int64) - np.repeat(cu_np[:-1], np.diff(cu_np))
+    return torch.from_numpy(positions).to(device)
 
 
 def pack(
