@@ -10,8 +10,10 @@ from .attention import dispatch, register
 from .batch import IGNORE_INDEX, PackedBatch, pack
 from .data import build_packed_loader
 from .loss import causal_lm_loss
+from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch
 
 register()
 
 __version__ = "0.1.0"
-__all__ = ["IGNORE_INDEX", "PackedBatch", "build_packed_loader", "causal_lm_loss", "dispatch", "pack", "register"]
+__all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",
+           "dispatch", "init_topology", "pack", "register", "shard_batch"]

@@ -7,18 +7,22 @@ metadata given to ``model(...)`` (``cu_seq_lens_q/k``, ``max_length_q/k``, ``pos
 Packed path (B = 1, no dense mask): documents from ``cu_seq_lens_q`` (or, like transformers' flash path, from
 restarting ``position_ids``) -> exact varlen kernel. Unpacked path (generation with a KV cache, padded batches):
 the mask function builds the usual dense mask and attention runs on it, so ``generate()`` works unchanged.
+Sequence parallel (``dispatch(model, sp_group=...)``): q/k/v are this rank's T/S slice; ``cu_seq_lens_q`` stays
+global and :func:`seqpack.parallel.heads.ulysses_attention` runs the same kernel over the whole row.
 """
 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
+from ..parallel.comm import group_rank, group_size
+from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
 
 NAME = "seqpack"
@@ -36,14 +40,16 @@ DEFAULT_OPTIONS = AttentionOptions()
 
 
 def seqpack_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                              sliding_window=None, softcap=None, **kwargs):
-    """AttentionInterface entry. query [B, N, T, D], key/value [B, Nkv, T, D] -> ([B, T, N, D], None)."""
+                              sliding_window=None, softcap=None, alibi_slopes=None, **kwargs):
+    """AttentionInterface entry. query [B, N, T, D], key/value [B, Nkv, T, D] -> ([B, T, N, D], None).
+    ``alibi_slopes`` [N] (seqpack's native ALiBi models pass it) adds slope_h * (s - t) within each document."""
     opts = getattr(module, "seqpack_options", DEFAULT_OPTIONS)
     spec = AttnSpec(
         scale=scaling if scaling is not None else query.shape[-1] ** -0.5,
         sliding_window=sliding_window,
         softcap=softcap,
         dropout=dropout,
+        alibi_slopes=alibi_slopes,
     )
     if kwargs.get("is_causal") is False:
         raise ValueError("attn_implementation='seqpack' is causal-only; is_causal=False (bidirectional) was requested")
@@ -60,10 +66,27 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
     if B != 1:
         raise ValueError(f"packed metadata (cu_seq_lens_q) given with batch dimension {B}; a packed batch has "
                          "one row of shape [1, T] (concatenate the rows)")
-    cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"), T)
+    sp_size, sp_rank = group_size(opts.sp_group), group_rank(opts.sp_group)
+    if sp_size > 1 and cu_tensor is None:
+        raise ValueError("sequence parallel needs the global cu_seq_lens_q/k of the packed row; pass "
+                         "seqpack.parallel.shard_batch(batch, sp_size, sp_rank).model_inputs() to the model")
+    cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"), T * sp_size,
+                                start=sp_rank * T)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [1, H, T, D] -> [T, H, D]
-    out = varlen_attention(q, k, v, cu, max_seqlen, spec, opts.backend, cu_tensor)  # [T, N, D]
+    if sp_size > 1:  # T is this rank's shard: [T, N, D] -> all-to-all -> [T*S, N/S, D] -> kernel -> back
+        local = spec if alibi_slopes is None else replace(
+            spec, alibi_slopes=_rank_alibi_slopes(alibi_slopes, k.shape[1], sp_size, sp_rank))
+        out = ulysses_attention(q, k, v, opts.sp_group, lambda q, k, v: varlen_attention(
+            q, k, v, cu, max_seqlen, local, opts.backend, cu_tensor))
+    else:
+        out = varlen_attention(q, k, v, cu, max_seqlen, spec, opts.backend, cu_tensor)  # [T, N, D]
     return out[None], None
+
+
+def _rank_alibi_slopes(slopes: torch.Tensor, num_kv_heads: int, sp_size: int, sp_rank: int) -> torch.Tensor:
+    """The ALiBi slopes [N] of the heads this rank holds after the seq->heads all-to-all (dummy heads: 0)."""
+    plan = plan_heads(slopes.shape[0], num_kv_heads, sp_size)
+    return torch.nn.functional.pad(slopes, (0, plan.pad_heads)).chunk(sp_size)[sp_rank]
 
 
 def seqpack_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, **kwargs):
@@ -79,8 +102,9 @@ def seqpack_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
 _validated: tuple = (None, None)  # one-slot memo: (weakref to the cu_seqlens tensor, its host list)
 
 
-def _documents(cu_tensor, max_length, position_ids, T: int) -> tuple[list[int], int]:
-    """Host list of document boundaries, validated once per forward (all layers share the same tensor)."""
+def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0) -> tuple[list[int], int]:
+    """Host list of document boundaries, validated once per forward (all layers share the same tensor).
+    ``T`` is the whole row; with sequence parallel ``position_ids`` is the local shard starting at token ``start``."""
     global _validated
     if cu_tensor is not None:
         ref, cached = _validated
@@ -89,7 +113,7 @@ def _documents(cu_tensor, max_length, position_ids, T: int) -> tuple[list[int], 
         else:
             cu = check_cu_seqlens(cu_tensor, T)
             if position_ids is not None:
-                _check_positions(position_ids, cu)
+                _check_positions(position_ids, cu, start)
             _validated = (weakref.ref(cu_tensor), cu)
     elif position_ids is not None:  # like transformers' flash path: a document starts where position_ids == 0
         starts = (position_ids.reshape(-1) == 0).nonzero().reshape(-1).tolist()
@@ -102,15 +126,15 @@ def _documents(cu_tensor, max_length, position_ids, T: int) -> tuple[list[int], 
     return cu, longest
 
 
-def _check_positions(position_ids: torch.Tensor, cu: list[int]) -> None:
+def _check_positions(position_ids: torch.Tensor, cu: list[int], start: int = 0) -> None:
     pos = position_ids.reshape(-1)
-    expected = positions_from_cu_seqlens(cu, device=pos.device)
+    expected = positions_from_cu_seqlens(cu, device=pos.device)[start:start + pos.numel()]
     if pos.shape != expected.shape or not torch.equal(pos, expected):
         if pos.shape != expected.shape:
             raise ValueError(f"position_ids has {pos.numel()} entries but cu_seqlens describes {cu[-1]} tokens")
         bad = int((pos != expected).nonzero()[0])
-        raise ValueError(f"position_ids inconsistent with cu_seqlens at token {bad}: got {int(pos[bad])}, expected "
-                         f"{int(expected[bad])} (positions restart at 0 at every cu_seqlens boundary)")
+        raise ValueError(f"position_ids inconsistent with cu_seqlens at token {start + bad}: got {int(pos[bad])}, "
+                         f"expected {int(expected[bad])} (positions restart at 0 at every cu_seqlens boundary)")
 
 
 def register() -> None:
@@ -130,7 +154,9 @@ def dispatch(model, backend: str = "auto", sp_group=None):
         model.set_attn_implementation(NAME)
     else:
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
-    opts = AttentionOptions(backend=backend, sp_group=sp_group)
+    if group_size(sp_group) > 1:  # fail before training when the heads cannot be split over sp_group
+        check_model_heads(model.config, group_size(sp_group))
+    opts = AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None)
     for m in model.modules():
         m.seqpack_options = opts
     return model

@@ -32,6 +32,7 @@ class AttnSpec:
     sliding_window: int | None = None  # attend to the last W tokens including itself
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap)
     dropout: float = 0.0
+    alibi_slopes: torch.Tensor | None = None  # [N] fp32: score(t, s) += slope_h * (s - t) (Baichuan-13B style ALiBi)
 
 
 def flash_attn_available() -> bool:
@@ -55,7 +56,8 @@ def resolve_backend(name: str, device: torch.device, spec: AttnSpec) -> str:
     if name == "auto":
         if device.type == "cuda" and flash_attn_available():
             return "flash_attn"
-        if device.type == "cuda" and torch_varlen_available() and spec.softcap is None and spec.dropout == 0.0:
+        if (device.type == "cuda" and torch_varlen_available() and spec.softcap is None and spec.dropout == 0.0
+                and spec.alibi_slopes is None):
             return "torch_varlen"
         return "sdpa"
     if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
@@ -72,6 +74,9 @@ def resolve_backend(name: str, device: torch.device, spec: AttnSpec) -> str:
         if spec.dropout:
             raise ValueError(f"attention backend 'torch_varlen' cannot apply attention dropout ({spec.dropout}); "
                              "use backend='flash_attn' or 'sdpa', or set attention_dropout=0")
+        if spec.alibi_slopes is not None:
+            raise ValueError("attention backend 'torch_varlen' cannot apply ALiBi biases; use backend='flash_attn' "
+                             "or 'sdpa'")
     return name
 
 
@@ -93,6 +98,7 @@ def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, ba
         return flash_attn_varlen_func(
             q, k, v, cu_tensor, cu_tensor, max_seqlen, max_seqlen, dropout_p=spec.dropout, softmax_scale=spec.scale,
             causal=True, window_size=(left, 0), softcap=spec.softcap or 0.0,
+            alibi_slopes=None if spec.alibi_slopes is None else spec.alibi_slopes.to(q.device, torch.float32),
         )
     from torch.nn.attention.varlen import varlen_attn
 
@@ -140,7 +146,12 @@ def _dense_causal(q, k, v, spec: AttnSpec) -> torch.Tensor:
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
     dropout = spec.dropout if torch.is_grad_enabled() else 0.0
     window = spec.sliding_window if spec.sliding_window is not None and spec.sliding_window < L else None
-    if spec.softcap is None:
+    if spec.alibi_slopes is not None:
+        mask = alibi_mask(causal_mask(L, L, window, q.device), spec.alibi_slopes, q.dtype)  # [N, L, L] float
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale,
+                                             enable_gqa=k.shape[1] != q.shape[1]) if spec.softcap is None else \
+            _math_attention(q, k, v, causal_mask(L, L, window, q.device), spec, dropout)
+    elif spec.softcap is None:
         mask = causal_mask(L, L, window, q.device) if window is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
                                              scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1])
@@ -159,6 +170,15 @@ def causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.Te
     return mask
 
 
+def alibi_mask(mask: torch.Tensor, slopes: torch.Tensor, dtype) -> torch.Tensor:
+    """Additive ALiBi mask from a bool mask [Lq, Lk] or [B, 1, Lq, Lk] (True = attend; queries are the last Lq
+    positions): slope_h * (s - t) where allowed, -inf elsewhere -> [N, Lq, Lk] or [B, N, Lq, Lk]."""
+    Lq, Lk = mask.shape[-2:]
+    rel = (torch.arange(Lk, device=mask.device)[None, :] - torch.arange(Lk - Lq, Lk, device=mask.device)[:, None])
+    bias = slopes.to(mask.device, torch.float32)[:, None, None] * rel  # [N, Lq, Lk]
+    return torch.where(mask, bias, -math.inf).to(dtype)
+
+
 def _math_attention(q, k, v, mask, spec: AttnSpec, dropout: float) -> torch.Tensor:
     """Reference math with softcap and GQA without repeating KV. q [B, N, Lq, D], k/v [B, Nkv, Lk, D], mask
     broadcastable to [B, N, Lq, Lk] (True = attend) -> [B, N, Lq, D]."""
@@ -168,6 +188,10 @@ def _math_attention(q, k, v, mask, spec: AttnSpec, dropout: float) -> torch.Tens
     scores = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * spec.scale  # [B, Nkv, g, Lq, Lk]
     if spec.softcap is not None:
         scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if spec.alibi_slopes is not None:
+        rel = torch.arange(scores.shape[-1], device=q.device)[None, :] - \
+            torch.arange(scores.shape[-1] - Lq, scores.shape[-1], device=q.device)[:, None]  # [Lq, Lk]: s - t
+        scores = scores + (spec.alibi_slopes.to(q.device, torch.float32).reshape(Nkv, N // Nkv, 1, 1) * rel)
     if mask is not None:
         if mask.dim() == 4:  # [B or 1, N or 1, Lq, Lk] -> group layout
             mask = mask.reshape(mask.shape[0], -1, 1, Lq, mask.shape[-1]) if mask.shape[1] == 1 else \
@@ -188,6 +212,10 @@ def masked_attention(q, k, v, mask: torch.Tensor | None, spec: AttnSpec) -> torc
     dropout = spec.dropout if torch.is_grad_enabled() else 0.0
     if mask.dtype != torch.bool:
         mask = mask == 0  # additive float mask: 0 = attend
+    if spec.softcap is None and spec.alibi_slopes is not None:
+        mask = alibi_mask(mask, spec.alibi_slopes, q.dtype)  # [B|1, N, Lq, Lk] additive
+        return torch.nan_to_num(F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1]))
     if spec.softcap is None:
         return torch.nan_to_num(F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale, enable_gqa=k.shape[1] != q.shape[1]))

@@ -1,0 +1,187 @@
+"""``seqpack bench sp``: memory and time per rank of one training step for sp = 1, 2, 4 on CPU (gloo).
+
+Every sp runs in its own fresh process group (spawned here, no torchrun), on the same packed row of total length T
+(log-normal document lengths, as ``seqpack bench packing``), with a Llama-shaped model dispatched to seqpack
+attention over the SP group. Per rank it reports
+
+- saved activations: bytes of the tensors autograd keeps for backward (parameters excluded) — the activation
+  memory sequence parallelism divides by S;
+- peak RSS growth: the process's resident peak (Linux VmHWM, reset once the model and data are built) during
+  the steps, over its size at that point — everything a step allocates, transient buffers included;
+- step time: median forward + backward wall time (all ranks share this machine's cores).
+
+The memory-cap search then finds, for each sp, the longest T whose peak RSS growth per rank stays under
+``--cap-mib``: it predicts T from the per-token cost measured at the fixed T, runs that T, and steps down (then
+up) by 1/8 while the runs say so (every reported T was run, not extrapolated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, max_position_embeddings=1 << 17)
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not found in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rank_main(rank: int, world: int, init_file: str, T: int, steps: int, seed: int, out_dir: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import seqpack
+    from seqpack.bench.packing import doc_lengths
+    from seqpack.parallel import ParallelDims, StepLoss, shard_batch
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        topo = ParallelDims(sp=world)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **MODEL)).float()
+        seqpack.dispatch(model, sp_group=topo.sp_group)
+        g = torch.Generator().manual_seed(seed)
+        docs = [torch.randint(3, MODEL["vocab_size"], (n,), generator=g) for n in doc_lengths(T, seed=seed)]
+        shard = shard_batch(seqpack.pack(docs), topo.sp_size, topo.sp_rank)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+        def one_step(count_saved: bool) -> tuple[float, int]:
+            saved: dict[int, int] = {}
+
+            def pack_hook(t):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params:
+                    saved[ptr] = t.untyped_storage().nbytes()
+                return t
+
+            step = StepLoss([shard], topo.world_group)
+            if world > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            if count_saved:
+                with torch.autograd.graph.saved_tensors_hooks(pack_hook, lambda t: t):
+                    loss = step(model(**shard.model_inputs()).logits, shard)
+            else:
+                loss = step(model(**shard.model_inputs()).logits, shard)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+            return time.perf_counter() - start, sum(saved.values())
+
+        base = _status_kib("VmRSS")  # model, optimizer-free state and data in place
+        reset = _reset_peak()
+        _, saved_bytes = one_step(count_saved=True)  # warm-up, and the saved-activation count
+        times = []
+        for _ in range(steps):
+            times.append(one_step(count_saved=False)[0])
+        peak = _status_kib("VmHWM")
+        result = dict(rank=rank, sp=world, T=T, local_T=shard.num_tokens, saved_mib=saved_bytes / 2**20,
+                      peak_growth_mib=(peak - base) / 1024 if reset else float("nan"), peak_rss_mib=peak / 1024,
+                      step_s=statistics.median(times))
+        with open(os.path.join(out_dir, f"rank{rank}.json.tmp"), "w") as f:
+            json.dump(result, f)
+        os.replace(os.path.join(out_dir, f"rank{rank}.json.tmp"), os.path.join(out_dir, f"rank{rank}.json"))
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def measure(sp: int, T: int, steps: int = 1, seed: int = 0) -> dict:
+    """Run one configuration in ``sp`` fresh processes; per-rank maxima of memory and time."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory(prefix="seqpack-bench-sp-") as tmp:
+        mp.spawn(_rank_main, args=(sp, os.path.join(tmp, "pg"), T, steps, seed, tmp), nprocs=sp, join=True)
+        ranks = []
+        for r in range(sp):
+            with open(os.path.join(tmp, f"rank{r}.json")) as f:
+                ranks.append(json.load(f))
+    return dict(sp=sp, T=T, local_T=ranks[0]["local_T"], saved_mib=max(r["saved_mib"] for r in ranks),
+                peak_growth_mib=max(r["peak_growth_mib"] for r in ranks),
+                peak_rss_mib=max(r["peak_rss_mib"] for r in ranks), step_s=max(r["step_s"] for r in ranks))
+
+
+def longest_fitting(sp: int, per_token_mib: float, cap_mib: float, seed: int, multiple: int = 256) -> dict | None:
+    """Largest T (multiple of ``multiple``, found in steps of 1/8) whose peak RSS growth per rank fits
+    ``cap_mib``: starts from the linear prediction, steps down until a run fits, then up while runs fit."""
+    def fits(T):
+        r = measure(sp, T, steps=1, seed=seed)
+        return r if r["peak_growth_mib"] <= cap_mib else None
+
+    T = int(cap_mib / per_token_mib) // multiple * multiple
+    best = None
+    while T >= multiple and best is None:
+        best = fits(T)
+        T = T if best else int(T * 7 / 8) // multiple * multiple
+    while best is not None and best["T"] == T:
+        T = max(-(-T * 9 // 8) // multiple * multiple, T + multiple)
+        best = fits(T) or best
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seqpack bench sp", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--T", type=int, default=8192, help="total tokens of the packed row")
+    parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence parallel degrees")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--cap-mib", type=float, default=512.0,
+                        help="per-process memory cap (peak RSS growth of a step) for the longest-T search; 0 = skip")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    if any(s < 1 for s in args.sp):
+        parser.error(f"--sp degrees must be >= 1, got {args.sp}")
+
+    print(f"llama {MODEL}; CPU gloo, OMP_NUM_THREADS=1 per rank, {os.cpu_count()} cores; T={args.T}")
+    rows = [measure(sp, args.T, args.steps, args.seed) for sp in args.sp]
+    base = rows[0]
+    print(f"\n{'sp':>3} {'T/S':>6} {'saved act MiB':>14} {'x sp=' + str(base['sp']):>8} {'peak growth MiB':>16} "
+          f"{'x sp=' + str(base['sp']):>8} {'peak RSS MiB':>13} {'step s':>7} {'x':>6}")
+    for r in rows:
+        print(f"{r['sp']:>3} {r['local_T']:>6} {r['saved_mib']:>14.1f} {r['saved_mib'] / base['saved_mib']:>8.2f} "
+              f"{r['peak_growth_mib']:>16.1f} {r['peak_growth_mib'] / base['peak_growth_mib']:>8.2f} "
+              f"{r['peak_rss_mib']:>13.1f} {r['step_s']:>7.2f} {r['step_s'] / base['step_s']:>6.2f}")
+    fits = []
+    if args.cap_mib > 0:
+        print(f"\nlongest T with peak RSS growth per rank <= {args.cap_mib:g} MiB:")
+        for r in rows:
+            fit = longest_fitting(r["sp"], r["peak_growth_mib"] / r["T"], args.cap_mib, args.seed)
+            fits.append(fit)
+            if fit is None:
+                print(f"  sp={r['sp']}: nothing fits")
+            else:
+                print(f"  sp={r['sp']}: T={fit['T']:>7} (peak growth {fit['peak_growth_mib']:.0f} MiB, "
+                      f"step {fit['step_s']:.1f} s)  x{fit['T'] / (fits[0] or fit)['T']:.2f}")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(model=MODEL, fixed_T=rows, cap_mib=args.cap_mib, longest=fits), f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

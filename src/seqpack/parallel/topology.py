@@ -1,0 +1,117 @@
+"""One object describes the process topology: ``dp × sp`` ranks and one named DeviceMesh ("dp", "sp").
+
+Ranks are laid out sp-fastest: the SP group of rank r is the S consecutive ranks around it (on one node, so the
+all-to-alls stay on the fast links), the DP group is every S-th rank.
+
+With one process nothing is initialised and nothing needs torchrun: groups are ``None`` and every collective in
+:mod:`seqpack.parallel.comm` is the identity. Under torchrun (``WORLD_SIZE`` > 1) the default process group is
+created from the environment — gloo on CPU, nccl on CUDA — unless the caller created one already.
+
+    >>> topo = init_topology(sp=1)          # one process: no torchrun, no process group
+    >>> topo.world_size, topo.dp_size, topo.sp_size, topo.sp_group is None, topo.device.type
+    (1, 1, 1, True, 'cpu')
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+class ParallelDims:
+    """Degrees, ranks, process groups and the DeviceMesh of one training job.
+
+    dp_size, sp_size        data-parallel and sequence-parallel degrees, dp_size * sp_size == world_size
+    world_size, rank        of the default process group (1, 0 without one)
+    dp_rank, sp_rank        position in the mesh: rank == dp_rank * sp_size + sp_rank
+    mesh                    DeviceMesh of shape (dp, sp) named ("dp", "sp"); None with one process
+    dp_group, sp_group      process groups of those mesh dimensions; None when that degree is 1
+    world_group             every rank (FSDP2 and the loss denominator reduce over it); None with one process
+    device                  cuda:LOCAL_RANK with nccl, else cpu
+
+    ``dp=None`` means "whatever is left": ``world_size // sp``.
+    """
+
+    def __init__(self, dp: int | None = None, sp: int = 1, backend: str | None = None):
+        self._owns_process_group = False
+        world = _world_size_from_env()
+        if world > 1 and not dist.is_initialized():
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            if backend == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend)
+            self._owns_process_group = True
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.dp_size, self.sp_size = self.check(dp, sp, self.world_size)
+        self.dp_rank, self.sp_rank = divmod(self.rank, self.sp_size)
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        if backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+        self.mesh = self.dp_group = self.sp_group = self.world_group = None
+        if self.world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.dp_size, self.sp_size), mesh_dim_names=("dp", "sp"))
+            self.dp_group = self.mesh.get_group("dp") if self.dp_size > 1 else None
+            self.sp_group = self.mesh.get_group("sp") if self.sp_size > 1 else None
+            self.world_group = dist.group.WORLD
+
+    @staticmethod
+    def check(dp: int | None, sp: int, world_size: int) -> tuple[int, int]:
+        """Validate the degrees against ``world_size`` (no side effects); returns ``(dp, sp)``.
+
+            >>> ParallelDims.check(None, 2, 8)
+            (4, 2)
+        """
+        for name, value in (("sp", sp), ("dp", dp)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"parallel degree {name}={value!r} must be a positive integer")
+        if world_size % sp:
+            ok = [d for d in range(1, world_size + 1) if world_size % d == 0]
+            raise ValueError(f"world size {world_size} is not divisible by sequence parallel degree sp={sp}; "
+                             f"use sp in {ok} or launch a multiple of {sp} processes")
+        if dp is None:
+            dp = world_size // sp
+        if dp * sp != world_size:
+            raise ValueError(f"dp={dp} x sp={sp} = {dp * sp} does not match the world size {world_size}; "
+                             f"use dp={world_size // sp} (or leave dp unset)")
+        return dp, sp
+
+    def fsdp_mesh(self):
+        """1-D DeviceMesh over every rank (dp and sp flattened, sp fastest) that FSDP2 shards parameters over;
+        summing gradients over it is exactly what sequence parallel needs. None with one process."""
+        if self.world_size == 1:
+            return None
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(dist.group.WORLD, self.device.type, mesh_dim_names=("dp_sp",))
+
+    def destroy(self) -> None:
+        """Tear down the default process group if this object created it."""
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_process_group = False
+
+    def __repr__(self) -> str:
+        return (f"ParallelDims(world_size={self.world_size}, rank={self.rank}, dp={self.dp_size}, sp={self.sp_size}, "
+                f"dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, device={self.device})")
+
+
+def init_topology(sp: int = 1, dp: int | None = None, backend: str | None = None) -> ParallelDims:
+    """Build the topology from torchrun's environment (or an existing process group); see :class:`ParallelDims`."""
+    return ParallelDims(dp=dp, sp=sp, backend=backend)
+
+
+def _world_size_from_env() -> int:
+    if dist.is_initialized():
+        return dist.get_world_size()
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not an integer (launch with torchrun)") from None
