@@ -1,6 +1,7 @@
 """``seqpack`` command line: one subcommand per module, imported only when used.
 
-Each command module defines ``add_arguments(parser)`` and ``run(args) -> int | None``.
+Each command module defines ``add_arguments(parser)`` and ``run(args) -> int | None``, and may define
+``parse_args(parser, argv)`` when it takes arguments argparse cannot describe (``--section.key VALUE``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[name][0])
     parser = argparse.ArgumentParser(prog=f"seqpack {name}", description=COMMANDS[name][1])
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    parse = getattr(module, "parse_args", None)
+    args = parse(parser, rest) if parse else parser.parse_args(rest)
+    return int(module.run(args) or 0)
 
 
 def _usage(code: int) -> int:

@@ -1,0 +1,227 @@
+"""The training loop: micro-batch accumulation with the global token-mean loss, AdamW, warmup + cosine, clipping,
+divergence stop, checkpoints and metrics.
+
+One optimizer step (every rank):
+
+    micro_num packed rows [1, T] from the loader (this dp rank's)
+      -> shard_batch (sp > 1): [1, T/S] slices, global cu_seqlens
+      -> StepLoss: C = valid targets of the whole step over all ranks (one all-reduce)
+      -> per micro-batch: model(**inputs).logits [1, T/S, V] -> sum CE / C -> backward (FSDP2 sums gradients)
+      -> clip global grad norm -> stop if loss or norm is NaN/Inf -> AdamW -> lr schedule
+
+    >>> result = train(load_config("configs/demo.py"))     # doctest: +SKIP
+    >>> result.final_loss < result.first_loss               # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..parallel import StepLoss, init_topology, shard_batch
+from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .config import Config
+from .metrics import DevicePeak, MetricsLogger, peak_memory_mib, step_flops
+from .model import autocast, build_model, count_params
+from .setup import build_loader, load_tokenizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm became NaN/Inf; the weights of that step were not updated."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    checkpoint: Path | None
+    hf_dir: Path | None
+    model: torch.nn.Module  # the trained model (FSDP2-sharded with several processes)
+
+
+class WarmupCosine:
+    """Linear warmup from 0 to the peak lr over ``warmup`` steps (after ``init_steps`` at 0), then cosine decay to
+    ``eta_min`` at ``total`` steps. State: the number of steps taken."""
+
+    def __init__(self, optimizer, peak: float, total: int, warmup: int, eta_min: float, init_steps: int = 0):
+        self.optimizer, self.peak, self.total, self.warmup = optimizer, peak, total, warmup
+        self.eta_min, self.init_steps, self.taken = eta_min, init_steps, 0
+        self._apply()
+
+    def lr_at(self, taken: int) -> float:
+        """Learning rate of the optimizer step that follows ``taken`` completed steps."""
+        s = taken - self.init_steps
+        if s < 0:
+            return 0.0
+        if s < self.warmup:
+            return self.peak * (s + 1) / self.warmup
+        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.init_steps - self.warmup))
+        return self.eta_min + (self.peak - self.eta_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def _apply(self) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(self.taken)
+
+    def step(self) -> None:
+        self.taken += 1
+        self._apply()
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.taken = state["taken"]
+        self._apply()
+
+
+def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    a = cfg.adam
+    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps)
+
+
+def resolve_run_dir(cfg: Config) -> Path:
+    """train.run_dir, or runs/<UTC timestamp> decided by rank 0 and shared with every rank."""
+    name = [cfg.train.run_dir or f"runs/{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S')}"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Global gradient 2-norm over all ranks (FSDP2 DTensor grads included); clipped to max_norm if > 0."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train(cfg: Config) -> TrainResult:
+    """Run (or resume) the job ``cfg`` describes; one process or every rank of a torchrun launch."""
+    topo = init_topology(sp=cfg.parallel.tensor.size)
+    try:
+        return _train(cfg, topo)
+    finally:
+        topo.destroy()
+
+
+def _train(cfg: Config, topo) -> TrainResult:
+    if cfg.parallel.weight.size > 1 and topo.world_size % cfg.parallel.weight.size:
+        raise ValueError(f"parallel.weight.size={cfg.parallel.weight.size} does not divide the world size "
+                         f"{topo.world_size}; FSDP2 shards over all {topo.world_size} ranks: set weight.size=1")
+    if cfg.train.device == "cuda" and topo.device.type != "cuda":
+        raise ValueError("train.device='cuda' but no CUDA device is available; use train.device='cpu'")
+    torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
+    torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    rank0 = topo.rank == 0
+    run_dir = resolve_run_dir(cfg)
+    ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
+        remove_partial(ckpt_dir)
+
+    tokenizer = load_tokenizer(cfg)
+    model = build_model(cfg, len(tokenizer), topo)
+    loader = build_loader(cfg, tokenizer, topo, vocab_size=model.config.vocab_size)
+    n_params, n_flop_params = count_params(model)
+    optimizer = build_optimizer(model, cfg)
+    total = cfg.total_steps
+    scheduler = WarmupCosine(optimizer, cfg.adam.lr, total, round(cfg.lr_scheduler.warmup_ratio * total),
+                             cfg.lr_scheduler.eta_min, cfg.lr_scheduler.init_steps)
+
+    start_step, last_ckpt = 0, None
+    resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
+    if resume is not None:
+        state = load_checkpoint(resume, model, optimizer, scheduler, loader)
+        start_step, last_ckpt = state["step"], resume
+    last = min(total, cfg.train.max_steps or total)
+    metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
+                            log_every=cfg.train.log_every)
+    peak = DevicePeak(topo.device)
+    name = type(model).__name__.removeprefix("FSDP")
+    metrics.message(f"seqpack train: {run_dir}  {name} {n_params / 1e6:.2f}M params  "
+                    f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  packing={cfg.packing}  "
+                    f"tokens/step={topo.dp_size * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len}  "
+                    f"peak={peak.flops / 1e9:.1f} GFLOP/s ({peak.source})"
+                    + (f"  resumed from {resume} (step {start_step})" if resume else ""))
+
+    if start_step >= last:
+        metrics.message(f"nothing to train: the checkpoint is at step {start_step}, the run ends at step {last}")
+    started, losses = time.perf_counter(), []
+    batches_iter = iter(loader)
+    try:
+        for step in range(start_step + 1, last + 1):
+            t0 = time.perf_counter()
+            rows = next(batches_iter)
+            micro = [(shard_batch(b, topo.sp_size, topo.sp_rank) if topo.sp_size > 1 else b).to(topo.device)
+                     for b in rows]
+            step_loss = StepLoss(micro, topo.world_group)
+            for b in micro:
+                with autocast(cfg, topo.device):
+                    logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
+                step_loss(logits, b).backward()
+            loss = step_loss.value()
+            grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                where = (f"the last good checkpoint is {last_ckpt} (step {int(last_ckpt.name.split('_')[-1])}); "
+                         "it is kept and auto_resume starts from it") if last_ckpt else "no checkpoint was written yet"
+                raise TrainingDiverged(
+                    f"loss is {loss} and gradient norm is {grad_norm} at step {step}: training stopped before the "
+                    f"optimizer step, weights not updated. {where}. Lower adam.lr (now {cfg.adam.lr}), raise "
+                    f"lr_scheduler.warmup_ratio or set hybrid_zero_optimizer.clip_grad_norm, then resume.")
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if topo.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            losses.append(loss)
+            tokens = sum(b.num_tokens for b in rows) / topo.sp_size
+            metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=dt,
+                        tokens_per_s_per_device=tokens / dt,
+                        mfu=step_flops(model.config, n_flop_params, rows, topo.sp_size) / dt / peak.flops,
+                        peak_mem_mib=peak_memory_mib(topo.device))
+            if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last):
+                last_ckpt = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loader,
+                                            {"loss": loss}, keep_last=cfg.ckpt.keep_last)
+                peak.refresh()
+    finally:
+        metrics.close()
+    hf_dir = None
+    if cfg.ckpt.export_hf and last == total:
+        hf_dir = export_hf(model, run_dir / "hf", tokenizer)
+    seconds = time.perf_counter() - started
+    if losses:
+        tail = losses[-max(1, len(losses) // 20):]
+        metrics.message(f"done: {len(losses)} steps in {seconds:.1f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+                        f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.4f}); "
+                        f"run folder {run_dir}" + (f", HF export {hf_dir}" if hf_dir else ""))
+    return TrainResult(run_dir, last, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
+                       seconds, last_ckpt, hf_dir, model)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(".tmp-" + path.name)
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)

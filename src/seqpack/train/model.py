@@ -1,0 +1,118 @@
+"""Build the model of a run: from a local Hugging Face folder or from a config, then parallelise it from outside.
+
+Order (torchtitan's): seqpack attention (with the SP group) -> activation checkpointing -> FSDP2 over all ranks.
+Weights stay fp32 (master weights); on CUDA the forward runs under bf16 autocast (``model.dtype``).
+
+    >>> cfg = load_config(None, ["--model.hidden_size", "32", "--model.num_layers", "2"])   # doctest: +SKIP
+    >>> model = build_model(cfg, vocab_size=300)                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+
+import torch
+
+import seqpack
+
+from ..parallel import apply_fsdp, check_model_heads
+from .config import Config
+from .config_rules import from_hf, transformers_model_type
+
+def hf_config(cfg: Config, vocab_size: int):
+    """transformers config of a from-scratch model from the ``model`` section."""
+    from transformers import AutoConfig
+
+    m = cfg.model
+    inter = m.multiple_of * math.ceil(m.mlp_ratio * m.hidden_size / m.multiple_of)
+    if m.hidden_size % m.num_attention_heads:
+        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                         f"{m.num_attention_heads}")
+    return AutoConfig.for_model(
+        transformers_model_type(cfg), vocab_size=m.vocab_size or vocab_size, hidden_size=m.hidden_size,
+        intermediate_size=inter, num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_kv_attention_heads or m.num_attention_heads,
+        max_position_embeddings=m.max_position_embeddings or max(4096, cfg.data.seq_len * cfg.data.micro_bsz),
+        rms_norm_eps=m.layer_norm_epsilon, rope_theta=m.rope_base, tie_word_embeddings=m.tie_embeddings,
+        attention_dropout=m.attention_dropout,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+
+
+def model_source(cfg: Config) -> str | None:
+    """The local HF folder the weights come from, or None for a from-scratch model."""
+    info = cfg.ckpt.load_ckpt_info
+    return info.path.removeprefix("local:") if info is not None else None
+
+
+def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
+    """The model of ``cfg`` in fp32 on ``topo.device`` (CPU without topology), seqpack attention, activation
+    checkpointing and FSDP2 applied. Every rank initialises identically (seed ``train.seed``)."""
+    from transformers import AutoModelForCausalLM
+
+    path = model_source(cfg)
+    torch.manual_seed(cfg.train.seed)
+    if path is not None:
+        from ..models import load_model  # native InternLM/InternLM2/Baichuan2 or any transformers model, shapes checked
+
+        model = load_model(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        arch = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads", "mlp_ratio",
+                "vocab_size", "max_position_embeddings", "rope_base", "tie_embeddings", "attention_dropout")
+        given = [f"model.{k}" for k in arch if getattr(cfg.model, k) != getattr(type(cfg.model)(), k)]
+        if given:
+            warnings.warn(f"{', '.join(given)} ignored: the architecture comes from {path}/config.json",
+                          stacklevel=2)
+        if not from_hf(cfg) and model.config.model_type != transformers_model_type(cfg):
+            warnings.warn(f"model_type={cfg.model_type!r} but {path} holds a {model.config.model_type!r} model; "
+                          "the folder's architecture is used", stacklevel=2)
+    else:
+        model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
+    if model.config.vocab_size < vocab_size:
+        raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+                         f"{vocab_size}; set model.vocab_size >= {vocab_size} or use the model's own tokenizer")
+    model.train()
+    if topo is not None and topo.sp_size > 1:
+        check_model_heads(model.config, topo.sp_size)  # an impossible head layout fails before training
+    # 1) attention: packed varlen, sequence parallel over topo.sp_group
+    seqpack.dispatch(model, backend=cfg.model.attn_backend, sp_group=getattr(topo, "sp_group", None))
+    # 2) activation checkpointing (a fraction of the layers, from the first)
+    apply_activation_checkpointing(model, cfg.model.checkpoint)
+    # 3) FSDP2 over all ranks (no-op with one process)
+    if topo is not None:
+        model.to(topo.device)
+        apply_fsdp(model, topo)
+    return model
+
+
+def apply_activation_checkpointing(model, checkpoint: bool | float) -> None:
+    """Recompute the first ``round(fraction * layers)`` decoder layers in backward (True = all, False = none)."""
+    fraction = float(checkpoint)
+    if fraction <= 0:
+        return
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    from ..parallel.fsdp import decoder_layers
+
+    layers = decoder_layers(model)
+    keep = round(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        if hasattr(layer, "gradient_checkpointing"):
+            layer.gradient_checkpointing = i < keep
+
+
+def autocast(cfg: Config, device: torch.device):
+    """bf16/fp16 autocast on CUDA as ``model.dtype`` asks; fp32 (no autocast) on CPU."""
+    dtype = {"torch.bfloat16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.float16": torch.float16,
+             "torch.half": torch.float16}.get(cfg.model.dtype)
+    if device.type != "cuda" or dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def count_params(model) -> tuple[int, int]:
+    """(all parameters, parameters excluding the input embedding) — the latter drives the 6·N·tokens FLOP count."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel() if model.get_input_embeddings() is not None else 0
+    tied = model.get_output_embeddings() is not None and model.config.tie_word_embeddings
+    return total, total - (0 if tied else emb)
