@@ -1,14 +1,13 @@
-"""All-or-nothing output folders: everything is written into a temp folder next to the target, then renamed."""
+"""Conversion output folders (all-or-nothing, with the --tgt / --overwrite policy) and --max_shard sizes."""
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from ..atomic import folder_swap
 
 
 @contextlib.contextmanager
@@ -28,25 +27,8 @@ def staging(tgt: Path, overwrite: bool, holds_model: Callable[[Path], bool]) -> 
                 raise ValueError(f"--tgt {tgt} is a non-empty folder without a model; choose a new or empty folder")
             if not overwrite:
                 raise ValueError(f"--tgt {tgt} already holds a model; pass --overwrite to replace it")
-    tgt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.tmp-", dir=tgt.parent))
-    try:
+    with folder_swap(tgt) as tmp:
         yield tmp
-        old = None
-        if tgt.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{tgt.name}.old-", dir=tgt.parent))
-            os.replace(tgt, old / "x")
-        try:
-            os.replace(tmp, tgt)
-        except BaseException:
-            if old is not None:
-                os.replace(old / "x", tgt)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,

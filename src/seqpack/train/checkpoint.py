@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..atomic import folder_swap, fsync
+
 PREFIX = "step_"
 MARKER = "COMPLETE"
 # fault injection for tests: "STEP:SECONDS" = the save of STEP sleeps after its files are written, before the commit
@@ -79,14 +81,6 @@ def _single_process_quiet():
         yield
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
@@ -120,7 +114,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, loader
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
     local = tmp / f"rank{_rank()}.pt"
     torch.save({"loader": loader.state_dict(), "rng": rng_state()}, local)
-    _fsync(local)
+    fsync(local)
     if _rank() == 0:
         torch.save({"scheduler": scheduler.state_dict(), "step": step, **train_state}, tmp / "train_state.pt")
         fault = os.environ.get(SAVE_DELAY_ENV, "")
@@ -129,19 +123,19 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, loader
     _barrier()
     if _rank() == 0:
         for p in tmp.iterdir():
-            _fsync(p)
+            fsync(p)
         world = dist.get_world_size() if dist.is_initialized() else 1
         marker = tmp / MARKER
         marker.write_text(json.dumps({"step": step, "world_size": world, "time": time.time()}))
-        _fsync(marker)
-        _fsync(tmp)
+        fsync(marker)
+        fsync(tmp)
         if final.exists():  # a re-run of the same step: move the old one aside (a .tmp- name is never read)
             stale = folder / f".tmp-old-{final.name}"
             shutil.rmtree(stale, ignore_errors=True)
             os.replace(final, stale)
             shutil.rmtree(stale)
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync(folder)
         for old in complete_checkpoints(folder)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
@@ -207,26 +201,15 @@ def export_hf(model, out_dir: Path, tokenizer=None) -> Path | None:
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out_dir = Path(out_dir)
     if _rank() == 0:
-        tmp = out_dir.parent / f".tmp-{out_dir.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        previous = model.config._attn_implementation
-        model.config._attn_implementation = "sdpa"
-        try:
-            with quiet_transformers():
-                model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        finally:
-            model.config._attn_implementation = previous
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for p in tmp.iterdir():
-            _fsync(p)
-        if out_dir.exists():
-            old = out_dir.parent / f".old-{out_dir.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        with folder_swap(out_dir) as tmp:
+            previous = model.config._attn_implementation
+            model.config._attn_implementation = "sdpa"
+            try:
+                with quiet_transformers():
+                    model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+            finally:
+                model.config._attn_implementation = previous
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     _barrier()
     return out_dir
