@@ -1,6 +1,6 @@
 """seqpack: packed variable-length training and sequence parallelism for Hugging Face causal LMs.
 
-    import seqpack                                   # registers attn_implementation="seqpack"
+    import seqpack                                   # registers attn_implementation="seqpack" and native models
     batch = seqpack.pack([[5, 6, 7], [8, 9]])
     model = seqpack.dispatch(model)
     loss = seqpack.causal_lm_loss(model(**batch.model_inputs()).logits, batch)
@@ -10,10 +10,12 @@ from .attention import dispatch, register
 from .batch import IGNORE_INDEX, PackedBatch, pack
 from .data import build_packed_loader
 from .loss import causal_lm_loss
+from .models import load_model, register_models
 from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch
 
-register()
+register()  # attn_implementation="seqpack"
+register_models()  # InternLM / InternLM2 / Baichuan2 official folders load without trust_remote_code
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",
-           "dispatch", "init_topology", "pack", "register", "shard_batch"]
+           "dispatch", "init_topology", "load_model", "pack", "register", "register_models", "shard_batch"]
