@@ -151,3 +151,27 @@ def test_activation_checkpointing_leaves_the_losses_unchanged(reference, tmp_pat
     assert all(layer.gradient_checkpointing for layer in layers)
     got = losses(tmp_path)
     assert all(abs(got[s] - ref[s]) <= 1e-6 * ref[s] for s in (1, 2, 3)), (got, ref)
+
+
+def test_loop_publishes_each_micro_batch_to_the_internevo_gpc_slot(tmp_path):
+    """Hand-adapted InternEvo modeling files read cu_seqlens from gpc.config.data during forward."""
+    from seqpack.compat.internevo import gpc
+
+    seen = []
+
+    def record(module, args):
+        if type(module).__name__ == "LlamaAttention":
+            data = gpc.config.data
+            seen.append((data.get("use_packed_dataset"), data.get("cu_seqlens_data_rank0"),
+                         data.get("max_seqlen_data_rank0")))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        run(tmp_path / "run", "--lr_scheduler.total_steps", "1")
+    finally:
+        handle.remove()
+    assert len(seen) == 2 * 2  # 2 micro-batches x 2 layers
+    for packed, cu, max_seqlen in seen:
+        assert packed is True and int(cu[0]) == 0 and int(cu[-1]) == 64
+        assert max_seqlen == int(cu.diff().max())
+    assert "cu_seqlens_data_rank0" not in gpc.config.data  # cleared after the micro-batch

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..compat.internevo import gpc
 from ..parallel import StepLoss, init_topology, shard_batch
 from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import Config
@@ -120,10 +121,12 @@ def train(cfg: Config) -> TrainResult:
     try:
         return _train(cfg, topo)
     finally:
+        gpc.unbind()
         topo.destroy()
 
 
 def _train(cfg: Config, topo) -> TrainResult:
+    gpc.bind(topo)  # the InternEvo compat slot (gpc.config.data) follows this run's ranks and micro-batches
     if cfg.parallel.weight.size > 1 and topo.world_size % cfg.parallel.weight.size:
         raise ValueError(f"parallel.weight.size={cfg.parallel.weight.size} does not divide the world size "
                          f"{topo.world_size}; FSDP2 shards over all {topo.world_size} ranks: set weight.size=1")
@@ -175,10 +178,11 @@ def _train(cfg: Config, topo) -> TrainResult:
             micro = [(shard_batch(b, topo.sp_size, topo.sp_rank) if topo.sp_size > 1 else b).to(topo.device)
                      for b in rows]
             step_loss = StepLoss(micro, topo.world_group)
-            for b in micro:
-                with autocast(cfg, topo.device):
-                    logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
-                step_loss(logits, b).backward()
+            for b in micro:  # gpc: InternEvo-style hand-adapted modeling files read cu_seqlens from it
+                with gpc.micro_batch(b):
+                    with autocast(cfg, topo.device):
+                        logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
+                    step_loss(logits, b).backward()
             loss = step_loss.value()
             grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
