@@ -25,9 +25,17 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
+import inspect
+
 from ..batch import IGNORE_INDEX
 from ..parallel.comm import group_rank
 from .rope import RotaryEmbedding, apply_rope, document_lengths
+
+
+# transformers 5.24 renamed the KV cache from ``past_key_values`` to ``cache`` (in model kwargs, output fields and
+# ``create_causal_mask``); the native models accept both names and speak the installed release's.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_CACHE_KW = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -185,7 +193,8 @@ class NativeModel(NativePreTrainedModel):
         setattr(self, self.layout.embed, value)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+                inputs_embeds=None, use_cache=None, cache=None, **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = cache if cache is not None else past_key_values
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -199,7 +208,7 @@ class NativeModel(NativePreTrainedModel):
         if position_ids is None:
             position_ids = (torch.arange(T, device=inputs_embeds.device) + past)[None]
         mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+                                  position_ids=position_ids, **{_MASK_CACHE_KW: past_key_values})
         position_embeddings = None
         if self.rotary_emb is not None:
             doc_lens = None
@@ -214,7 +223,7 @@ class NativeModel(NativePreTrainedModel):
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids,
                                   past_key_values=past_key_values, use_cache=use_cache,
                                   position_embeddings=position_embeddings, **kwargs)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), **{CACHE_FIELD: past_key_values})
 
 
 class NormHead(nn.Module):
@@ -256,11 +265,13 @@ class NativeForCausalLM(NativePreTrainedModel, GenerationMixin):
         setattr(self, self.layout.head, value)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs) -> CausalLMOutputWithPast:
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None,
+                **kwargs) -> CausalLMOutputWithPast:
         """Like transformers' LlamaForCausalLM.forward; packed metadata (``cu_seq_lens_q/k``, ``max_length_q/k``)
         and ``shift_labels`` pass through ``kwargs``. logits [B, T, V]."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                         past_key_values=cache if cache is not None else past_key_values,
+                         inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.get_output_embeddings()(hidden[:, keep])
@@ -270,7 +281,7 @@ class NativeForCausalLM(NativePreTrainedModel, GenerationMixin):
             z_weight = getattr(self.config, "z_loss_weight", 0.0) or 0.0
             if z_weight:
                 loss = loss + z_weight * self._z_loss(logits, labels, kwargs.get("shift_labels"))
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)})
 
     @staticmethod
     def _z_loss(logits, labels, shift_labels) -> torch.Tensor:
