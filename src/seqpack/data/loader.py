@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batch import PackedBatch
-from .ftdp import FtdpFile, list_bin_files
+from .ftdp import FtdpFile, check_ids, list_bin_files
 from .mixing import WeightedSchedule, group_files
 from .packing import Plan, check_strategy, concat_plans, plan_bfd, plan_cut, plan_padded, render_row
 
@@ -182,9 +182,8 @@ class PackedLoader:
     def _raw(self, g: _Group, d: int) -> np.ndarray:
         f, line = self.files[g.file_of[d]], int(g.line_of[d])
         raw = f.raw(line)
-        if self.vocab_size is not None and len(raw) and int(np.abs(raw).max()) >= self.vocab_size:
-            raise ValueError(f"{f.path} line {line + 1}: token id {int(np.abs(raw).max())} >= the model's vocab_size "
-                             f"{self.vocab_size}; the data was tokenized with a different tokenizer")
+        if self.vocab_size is not None:
+            check_ids(raw, self.vocab_size, f.path, line + 1)
         return raw
 
     def check_vocab(self, vocab_size: int) -> int:
@@ -193,11 +192,9 @@ class PackedLoader:
         largest = -1
         for f, idx in zip(self.files, self._used_lines()):
             for line in idx:
-                top = int(np.abs(f.raw(int(line))).max())
-                if top >= vocab_size:
-                    raise ValueError(f"{f.path} line {line + 1}: token id {top} >= the model's vocab_size "
-                                     f"{vocab_size}; the data was tokenized with a different tokenizer")
-                largest = max(largest, top)
+                raw = f.raw(int(line))
+                check_ids(raw, vocab_size, f.path, int(line) + 1)
+                largest = max(largest, int(np.abs(raw).max()))
         return largest
 
     def _used_lines(self) -> list[np.ndarray]:
