@@ -131,3 +131,15 @@ def test_default_corpus_loader():
         pieces = [tok.decode(b.input_ids[0, s:e].tolist(), skip_special_tokens=True) for s, e in zip(cu, cu[1:])]
         assert all(p.strip("\ufffd") in corpus_text for p in pieces if p.strip("\ufffd")), pieces
     assert loader.stats["documents"] == 12 and loader.stats["split"] > 0  # stdlib files are longer than 128
+
+
+def test_min_length_dict_keys_match_the_full_path_like_internevo(tmp_path):
+    """InternEvo tests `key in os.path.join(root, file)`: the folder's own path counts too."""
+    folder = tmp_path / "corpus_v2"
+    write_ftdp(folder / "en" / "a.bin", [[1] * n for n in (2, 4, 6, 8)])
+    write_ftdp(folder / "zh" / "b.bin", [[2] * n for n in (2, 4, 6, 8)])
+    kw = dict(train_folder=folder, seq_len=4, min_length=0)
+    assert build_packed_loader(**kw, min_length_dict={"en/": 5}).stats["filtered"] == 2  # en's 2 and 4
+    assert build_packed_loader(**kw, min_length_dict={"corpus_v2": 5}).stats["filtered"] == 4  # every file
+    with pytest.raises(ValueError, match=r"corpus_v2/en/a\.bin' matches several min_length_dict keys"):
+        build_packed_loader(**kw, min_length_dict={"corpus_v2": 5, "a.bin": 3})

@@ -312,8 +312,11 @@ def check_ids(raw: np.ndarray, vocab_size: int, path, line_no: int) -> None:
 
 
 def list_bin_files(folder: str | os.PathLike, data_order_file: str | os.PathLike | None = None) -> list[str]:
-    """Relative POSIX paths of the ``.bin`` files under ``folder``: sorted walk order (directories and files sorted,
-    like InternEvo), or the order listed in ``data_order_file`` (one path per line, relative to ``folder``)."""
+    """Relative POSIX paths of the ``.bin`` files under ``folder``: walk order with directories and files sorted
+    (the same order on every file system), or the order listed in ``data_order_file`` (one path per line, relative
+    to ``folder``). InternEvo 0.5.2 sorts only the files of each directory and visits directories in the file
+    system's order (its ``dirs.sort()`` runs after the walk is listed), so the two orders differ when a folder has
+    several subfolders; pass a ``data_order_file`` to reproduce a given InternEvo run's order."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"train_folder {root} does not exist or is not a directory")

@@ -42,11 +42,13 @@ class _Group:
     tokens: int
 
 
-def min_length_for(rel: str, min_length: int, min_length_dict: dict[str, int] | None) -> int:
-    """InternEvo's rule: a ``min_length_dict`` key that is a substring of the file path overrides ``min_length``."""
-    hits = [k for k in (min_length_dict or {}) if k in rel]
+def min_length_for(path: str, min_length: int, min_length_dict: dict[str, int] | None) -> int:
+    """InternEvo's rule: a ``min_length_dict`` key that is a substring of the file's path overrides ``min_length``.
+    ``path`` is the full path as InternEvo forms it, ``os.path.join(train_folder, relative path)``, so a key can
+    also match a part of the folder's own path (and then applies to every file)."""
+    hits = [k for k in (min_length_dict or {}) if k in path]
     if len(hits) > 1:
-        raise ValueError(f"file {rel!r} matches several min_length_dict keys {hits}; make them disjoint")
+        raise ValueError(f"file {path!r} matches several min_length_dict keys {hits}; make them disjoint")
     return int(min_length_dict[hits[0]]) if hits else int(min_length)
 
 
@@ -95,7 +97,8 @@ class PackedLoader:
         """Per file: indices of the documents kept (min_length filter, then the first ``max_docs`` overall)."""
         keep, budget = [], max_docs
         for rel, f in zip(self.rels, self.files):
-            idx = np.flatnonzero(f.lengths >= min_length_for(rel, min_length, min_length_dict))
+            full = os.path.join(self.folder, rel)  # InternEvo matches the keys against the full path
+            idx = np.flatnonzero(f.lengths >= min_length_for(full, min_length, min_length_dict))
             if budget is not None:
                 idx, budget = idx[:budget], budget - min(budget, len(idx))
             keep.append(idx)
