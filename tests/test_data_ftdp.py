@@ -121,6 +121,15 @@ def test_meta_rows_differ_from_lines(tmp_path):
         FtdpFile(broken(tmp_path, drop_row))
 
 
+def test_meta_rows_differ_from_lines_in_files_too_large_to_count(tmp_path, monkeypatch):
+    from seqpack.data import ftdp
+
+    monkeypatch.setattr(ftdp, "FULL_CHECK_BYTES", 0)  # as for a file over 1 GiB: lines are not counted
+    assert len(FtdpFile(broken(tmp_path / "ok", lambda path: None))) == 3
+    with pytest.raises(ValueError, match=r"bad\.bin has more lines after row 1's line"):
+        FtdpFile(broken(tmp_path, lambda path: save_meta(path, np.load(f"{path}.meta")[:2])))
+
+
 def test_missing_meta_and_empty_folder(tmp_path):
     path = broken(tmp_path, lambda p: (p.parent / f"{p.name}.meta").unlink())
     with pytest.raises(ValueError, match=r"bad\.bin: meta file .*bad\.bin\.meta is missing"):

@@ -221,9 +221,9 @@ class FtdpFile:
             if lines != n:
                 fail(f" has {n} rows but {self.path} has {lines} lines; the meta does not belong to this .bin — "
                      "regenerate it", None)
-        else:  # the last row's line must run to the end of the file
-            end = bytes(buf[self.offsets[-1]:]).find(b"\n")
-            if 0 <= end < spans[-1] - 1:
+        else:  # the last row's line must run to the end of the file (mmap.find stops at the first newline)
+            end = self._mm.find(b"\n", int(self.offsets[-1]))
+            if 0 <= end < self.size - 1:
                 fail(f": {self.path} has more lines after row {n - 1}'s line; the meta does not belong to this "
                      ".bin — regenerate it", None)
 
