@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from seqpack.data import FtdpFile, build_packed_loader, list_bin_files, write_ftdp
+from seqpack.data.ftdp import FAST_MIN_BYTES, FtdpError, parse_tokens
 
 
 def write_like_internevo_tool(path, docs, dtype):
@@ -91,18 +92,23 @@ def test_meta_offsets_not_at_line_starts(tmp_path):
         meta[2, 0] += 3
         save_meta(path, meta)
 
-    with pytest.raises(ValueError, match=r"bad\.bin\.meta .*row 2: offset \d+ does not point at the start of a line"):
+    with pytest.raises(ValueError, match=r"bad\.bin\.meta .*row 2 \(line 3\): offset \d+ does not point at the start of a line"):
         FtdpFile(broken(tmp_path, shift))
 
 
 def test_meta_count_differs_from_line(tmp_path):
-    def recount(path):
-        meta = np.load(f"{path}.meta")
-        meta[1, 1] = 7
-        save_meta(path, meta)
+    def recount(count):
+        def edit(path):
+            meta = np.load(f"{path}.meta")
+            meta[1, 1] = count
+            save_meta(path, meta)
+        return edit
 
-    f = FtdpFile(broken(tmp_path, recount))
-    with pytest.raises(ValueError, match=r"bad\.bin line 2 .*meta says 7 tokens but the line has 2"):
+    # more tokens than the line's bytes can hold: a stale meta, found on open (at the start of training)
+    with pytest.raises(ValueError, match=r"row 1 \(line 2\): the meta says 7 tokens but the line has only 19 bytes"):
+        FtdpFile(broken(tmp_path / "a", recount(7)))
+    f = FtdpFile(broken(tmp_path / "b", recount(1)))  # fewer: found when the line is read
+    with pytest.raises(ValueError, match=r"bad\.bin line 2 .*meta says 1 tokens but the line has 2"):
         f.raw(1)
 
 
@@ -113,6 +119,15 @@ def test_meta_rows_differ_from_lines(tmp_path):
 
     with pytest.raises(ValueError, match=r"has 2 rows but .*bad\.bin has 3 lines"):
         FtdpFile(broken(tmp_path, drop_row))
+
+
+def test_meta_rows_differ_from_lines_in_files_too_large_to_count(tmp_path, monkeypatch):
+    from seqpack.data import ftdp
+
+    monkeypatch.setattr(ftdp, "FULL_CHECK_BYTES", 0)  # as for a file over 1 GiB: lines are not counted
+    assert len(FtdpFile(broken(tmp_path / "ok", lambda path: None))) == 3
+    with pytest.raises(ValueError, match=r"bad\.bin has more lines after row 1's line"):
+        FtdpFile(broken(tmp_path, lambda path: save_meta(path, np.load(f"{path}.meta")[:2])))
 
 
 def test_missing_meta_and_empty_folder(tmp_path):
@@ -137,3 +152,50 @@ def test_token_id_beyond_vocab_named_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"a\.bin line 11: token id 300"):
         for _ in range(checked.stats["steps_per_epoch"]):
             next(checked)
+
+
+def test_line_with_other_keys_reads_its_tokens_key(tmp_path):
+    """The fast parser must never disagree with json.loads: here "tokens" is not the first list on the line."""
+    path = tmp_path / "k.bin"
+    line = b'{"kind": "tokens", "ids": [7,8,9], "tokens": [1,-2,3]}\n'
+    path.write_bytes(line)
+    save_meta(path, np.array([[0, 3]], dtype=np.int32))
+    assert FtdpFile(path).raw(0).tolist() == [1, -2, 3]
+    long = json.dumps({"kind": "tokens", "ids": [7] * 3000, "tokens": [1, -2, 3] * 1000}).encode()
+    assert len(long) > FAST_MIN_BYTES and parse_tokens(long, "x").tolist() == [1, -2, 3] * 1000
+
+
+def json_tokens(line: bytes):
+    try:
+        tokens = json.loads(line)["tokens"]
+    except (ValueError, KeyError, TypeError):
+        return "error"
+    return tokens if isinstance(tokens, list) and all(type(t) is int for t in tokens) else "error"
+
+
+def test_fast_parser_agrees_with_json_on_long_lines():
+    """Lines long enough for the NumPy path, plain and with every kind of near-miss: same ids as json.loads, or
+    an FtdpError where json.loads fails (or gives something other than integers)."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(-5000, 5000, size=2000).tolist()
+    plain = json.dumps({"tokens": ids})
+    variants = [plain, plain.replace(", ", ","), plain.replace(", ", ",\t "), " " + plain + " \r\n",
+                plain.replace("[", "[ ").replace("]", " ]"), plain.replace(", ", ", 0", 1),  # leading zero
+                plain.replace(", ", ", , ", 1), plain.replace(", ", " ", 1), plain.replace(", ", ",- ", 1),
+                plain.replace(", ", "-", 1), plain.replace(", ", ", --", 1), plain.replace("]", ", ]"),
+                plain.replace("[", "[, "), plain.replace(", ", ".0, ", 1), plain.replace(", ", ", 12345678901234567890, ", 1),
+                plain.replace(", ", ", 123456789012345678, ", 1), plain.replace(", ", ", -0, ", 1),
+                plain.replace(", ", ", true, ", 1), plain.replace("}", ', "tokens": [1]}'),
+                plain.replace("}", ', "ids": [1, 2]}'), '{"ids": [1], ' + plain[1:], plain + "x",
+                plain.replace(", ", " , ", 1), plain[:-1]]
+    for text in variants:
+        line = text.encode()
+        assert len(line) > FAST_MIN_BYTES
+        want = json_tokens(line)
+        try:
+            got = parse_tokens(line, "line").tolist()
+        except FtdpError:
+            got = "error"
+        if want != "error" and max(map(abs, want)) >= 2 ** 63:
+            want = "error"  # json's unbounded int: not an int64 token id
+        assert got == want, text[:60]

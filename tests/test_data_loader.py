@@ -117,7 +117,7 @@ def test_mixing_errors_and_state_mismatch(tmp_path):
 
 
 def test_default_corpus_loader():
-    from seqpack.data import default_tokenizer
+    from seqpack.data import default_documents, default_tokenizer
     from seqpack.data.corpus import default_corpus_folder
 
     loader = build_packed_loader(seq_len=128, micro_bsz=2, micro_num=2, max_docs=12, packing="bfd")
@@ -125,6 +125,21 @@ def test_default_corpus_loader():
     assert len(step) == 2 and all(b.input_ids.shape == (1, 256) for b in step)
     tok = default_tokenizer()
     assert default_corpus_folder(tok, 12) == default_corpus_folder(tok, 12)  # cached, same folder
-    text = tok.decode(step[0].input_ids[0].tolist())
-    assert "def " in text or "import " in text or '"""' in text
+    corpus_text = "".join(default_documents()[:12])
+    for b in step:  # every document piece of a row is a piece of a stdlib source file
+        cu = b.cu_seqlens.tolist()
+        pieces = [tok.decode(b.input_ids[0, s:e].tolist(), skip_special_tokens=True) for s, e in zip(cu, cu[1:])]
+        assert all(p.strip("\ufffd") in corpus_text for p in pieces if p.strip("\ufffd")), pieces
     assert loader.stats["documents"] == 12 and loader.stats["split"] > 0  # stdlib files are longer than 128
+
+
+def test_min_length_dict_keys_match_the_full_path_like_internevo(tmp_path):
+    """InternEvo tests `key in os.path.join(root, file)`: the folder's own path counts too."""
+    folder = tmp_path / "corpus_v2"
+    write_ftdp(folder / "en" / "a.bin", [[1] * n for n in (2, 4, 6, 8)])
+    write_ftdp(folder / "zh" / "b.bin", [[2] * n for n in (2, 4, 6, 8)])
+    kw = dict(train_folder=folder, seq_len=4, min_length=0)
+    assert build_packed_loader(**kw, min_length_dict={"en/": 5}).stats["filtered"] == 2  # en's 2 and 4
+    assert build_packed_loader(**kw, min_length_dict={"corpus_v2": 5}).stats["filtered"] == 4  # every file
+    with pytest.raises(ValueError, match=r"corpus_v2/en/a\.bin' matches several min_length_dict keys"):
+        build_packed_loader(**kw, min_length_dict={"corpus_v2": 5, "a.bin": 3})

@@ -214,3 +214,24 @@ def test_model_loss_z_loss_and_gradient_checkpointing(tmp_path):
         seqpack.causal_lm_loss(m(**batch.model_inputs()).logits, batch).backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
     assert (grads[0] - grads[1]).abs().max() <= 1e-6
+
+
+def test_internlm_cached_generation_past_max_positions_matches_published_code(tmp_path):
+    """Published modeling_internlm.py caches keys unrotated and, at every step, rotates all of them with the
+    dynamic-NTK table of the current length; past max_position_embeddings (8 here) that differs from caching
+    rotated keys (by 4e-2..2e-1 in logits after a few steps), and from a full forward. Greedy generation follows
+    these logits, so it picks the published code's tokens."""
+    cfg = official_config("internlm-dynamic-ntk")
+    sd = official_weights(cfg)
+    folder = write_official_folder(tmp_path, cfg, sd)
+    ids = torch.randint(3, VOCAB, (14,), generator=torch.Generator().manual_seed(1))
+    prompt = 5  # the first 3 steps stay within max_position_embeddings, the next 6 go past it
+    for attn in ("seqpack", "eager"):
+        model, cache = _load(folder, attn), {}
+        with torch.no_grad():
+            out = model(input_ids=ids[None, :prompt], use_cache=True)
+            assert (out.logits[0].double() - reference_logits(cfg, sd, ids[:prompt], cache)).abs().max() <= 1e-5
+            for t in range(prompt, ids.numel()):
+                out = model(input_ids=ids[None, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+                want = reference_logits(cfg, sd, ids[t:t + 1], cache)
+                assert (out.logits[0].double() - want).abs().max() <= 1e-5, (attn, t)

@@ -139,10 +139,16 @@ def _rope_angles(cfg: dict, T: int, D: int) -> torch.Tensor:
     return t[:, None] * inv_freq[None, :]
 
 
-def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
-    """Naive float64 forward of one sequence ids [T] -> logits [T, V], from the published math."""
+def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+    """Naive float64 forward of one sequence ids [T] -> logits [T, V], from the published math.
+
+    With ``cache`` (a dict, filled in place) this is a step of the published InternLM KV cache: ``ids`` follow the
+    cached tokens; each layer's keys are cached *unrotated*, and all of them (and the new queries, at positions
+    past..past+T-1) are rotated with the table of the current length past + T."""
     sd = {k: v.double() for k, v in sd.items()}
     kind, T = cfg["model_type"], ids.numel()
+    past = cache.get("length", 0) if cache is not None else 0
+    L = past + T  # keys attended to
     H, N = cfg["hidden_size"], cfg["num_attention_heads"]
     D, Nkv = H // N, cfg.get("num_key_value_heads", N)
     eps = cfg["rms_norm_eps"]
@@ -160,8 +166,8 @@ def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
              n2="post_attention_layernorm", out="lm_head", gate="gate_proj", up="up_proj", down="down_proj")
     alibi = kind == "baichuan" and cfg.get("max_position_embeddings") is None
     if not alibi:
-        ang = _rope_angles(cfg, T, D)
-        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [T, D]
+        ang = _rope_angles(cfg, L, D)
+        cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)  # [L, D]
     slopes = published_alibi_slopes(N)
     h = sd[names["emb"] + ".weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
@@ -182,25 +188,32 @@ def reference_logits(cfg: dict, sd: dict, ids: torch.Tensor) -> torch.Tensor:
             else:
                 qa, ka, va = lin(x, p + "q_proj"), lin(x, p + "k_proj"), lin(x, p + "v_proj")
             qs, ks, vs = ([a[:, n * D:(n + 1) * D] for n in range(N)] for a in (qa, ka, va))
+        if cache is not None:  # unrotated keys and values of every token so far: [L, D] per kv head
+            if past:
+                ks = [torch.cat([old, new]) for old, new in zip(cache[i, "k"], ks)]
+                vs = [torch.cat([old, new]) for old, new in zip(cache[i, "v"], vs)]
+            cache[i, "k"], cache[i, "v"] = ks, vs
         heads = []
         for n in range(N):
-            q, k, v = qs[n], ks[n // (N // Nkv)], vs[n // (N // Nkv)]
+            q, k, v = qs[n], ks[n // (N // Nkv)], vs[n // (N // Nkv)]  # q [T, D], k/v [L, D]
             if not alibi:  # rotate_half: (x1, x2) -> (-x2, x1) over the two halves of D
-                q = q * cos + torch.cat([-q[:, D // 2:], q[:, :D // 2]], -1) * sin
+                q = q * cos[past:] + torch.cat([-q[:, D // 2:], q[:, :D // 2]], -1) * sin[past:]
                 k = k * cos + torch.cat([-k[:, D // 2:], k[:, :D // 2]], -1) * sin
-            scores = q @ k.T / math.sqrt(D)
+            scores = q @ k.T / math.sqrt(D)  # [T, L]
             for a in range(T):
-                for b in range(T):
-                    if b > a:
+                for b in range(L):
+                    if b > past + a:
                         scores[a, b] = -math.inf
                     elif alibi:
-                        scores[a, b] += slopes[n] * (b - a)
+                        scores[a, b] += slopes[n] * (b - past - a)
             heads.append(torch.softmax(scores, -1) @ v)
         out_proj = p + ("wo" if kind == "internlm2" else "o_proj")
         h = h + lin(torch.cat(heads, -1), out_proj)
         m = f"model.layers.{i}.{names['mlp']}."
         x = rms(h, sd[f"model.layers.{i}.{names['n2']}.weight"])
         h = h + lin(torch.nn.functional.silu(lin(x, m + names["gate"])) * lin(x, m + names["up"]), m + names["down"])
+    if cache is not None:
+        cache["length"] = L
     h = rms(h, sd["model.norm.weight"])
     head = sd[names["out"] + ".weight"]
     if kind == "baichuan":  # NormHead: unit-norm rows

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -26,6 +27,28 @@ import numpy as np
 
 META_SUFFIX = ".meta"
 FULL_CHECK_BYTES = 1 << 30
+# the shortest line that holds k tokens is {"tokens":[1,2,...,k]} = 2k + 12 bytes (k digits, k - 1 commas)
+MIN_LINE_BYTES = 12
+# the plain line form the fast parser reads: {"tokens": [JSON integers separated by "," or ", "]}
+_WS = b" \t\n\r"  # JSON whitespace
+_HEAD = re.compile(rb'[ \t\n\r]*\{[ \t\n\r]*"tokens"[ \t\n\r]*:[ \t\n\r]*\[')
+_DIGIT, _MINUS, _COMMA, _SPACE, _OTHER = 0, 1, 2, 3, 4
+_CLASS = np.full(256, _OTHER, np.int8)  # byte -> class
+_CLASS[np.frombuffer(b"0123456789", np.uint8)], _CLASS[ord("-")], _CLASS[ord(",")] = _DIGIT, _MINUS, _COMMA
+_CLASS[np.frombuffer(_WS, np.uint8)] = _SPACE
+MAX_FAST_CHARS = 18  # characters between two commas: numbers of at most 18 digits always fit int64
+FAST_MIN_BYTES = 8192  # NumPy's fixed cost only pays off for long lines (~1,500 tokens and more)
+
+
+class FtdpError(ValueError):
+    """A problem in an ftdp file. ``kind`` names the class of problem (``"meta"``: missing, unreadable, or not
+    matching its .bin; ``"empty"``: a document without tokens; ``"utf8"``; ``"json"``: not an object with an
+    integer list ``tokens``; ``"count"``: the meta's token count differs from the line; ``"vocab"``: an id outside
+    the vocabulary); ``path`` the file and ``line`` the 1-based line (None for the whole file)."""
+
+    def __init__(self, message: str, kind: str, path, line: int | None = None):
+        super().__init__(message)
+        self.kind, self.path, self.line = kind, None if path is None else Path(path), line
 
 
 def to_raw(tokens: Sequence[int], loss_mask: Sequence[bool] | None = None) -> list[int]:
@@ -123,15 +146,18 @@ class FtdpFile:
         if not self.path.is_file():
             raise ValueError(f"ftdp file {self.path} does not exist")
         if not self.meta_path.is_file():
-            raise ValueError(f"{self.path}: meta file {self.meta_path} is missing; every .bin needs a .bin.meta "
-                             "(re-create the folder with `seqpack tokenize` or seqpack.data.ftdp.write_ftdp)")
+            raise FtdpError(f"{self.path}: meta file {self.meta_path} is missing; every .bin needs a .bin.meta "
+                            "(re-create the folder with `seqpack tokenize` or seqpack.data.ftdp.write_ftdp)",
+                            "meta", self.meta_path)
         try:
             meta = np.load(self.meta_path, allow_pickle=False)
         except Exception as err:  # numpy raises several types for a corrupt .npy
-            raise ValueError(f"{self.meta_path}: cannot read as a NumPy .npy array ({err})") from err
+            raise FtdpError(f"{self.meta_path}: cannot read as a NumPy .npy array ({err})", "meta",
+                            self.meta_path) from err
         if meta.ndim != 2 or meta.shape[1] < 2 or not np.issubdtype(meta.dtype, np.integer):
-            raise ValueError(f"{self.meta_path}: expected an integer array of shape (N, 2) = (byte offset, token "
-                             f"count), got dtype {meta.dtype} shape {meta.shape}")
+            raise FtdpError(f"{self.meta_path}: expected an integer array of shape (N, 2) = (byte offset, token "
+                            f"count), got dtype {meta.dtype} shape {meta.shape}", "meta", self.meta_path)
+        self.meta_dtype, self.meta_shape = meta.dtype, meta.shape
         self.offsets = meta[:, 0].astype(np.int64)
         self.lengths = meta[:, -1].astype(np.int64)
         self.size = self.path.stat().st_size
@@ -154,32 +180,52 @@ class FtdpFile:
         return np.frombuffer(self._mm, dtype=np.uint8)
 
     def _validate_structure(self) -> None:
+        """Meta against the .bin without parsing a line (cheap; runs on open, so at the start of training): offsets
+        inside the file, increasing, at line starts; counts positive and each line long enough for its count; as
+        many rows as lines (files up to 1 GiB; larger ones: nothing after the last row's line)."""
         n, where = len(self.offsets), f"{self.meta_path} (for {self.path})"
         if n == 0:
             return
+
+        def fail(message: str, row: int | None, kind: str = "meta"):
+            raise FtdpError(f"{where}{'' if row is None else f' row {row} (line {row + 1})'}{message}", kind,
+                            self.path, None if row is None else row + 1)
+
         bad = np.flatnonzero((self.offsets < 0) | (self.offsets >= self.size))
         if bad.size:
             i = int(bad[0])
-            raise ValueError(f"{where} row {i}: offset {self.offsets[i]} is outside the {self.size}-byte file")
+            fail(f": offset {self.offsets[i]} is outside the {self.size}-byte file", i)
         bad = np.flatnonzero(np.diff(self.offsets) <= 0)
         if bad.size:
             i = int(bad[0]) + 1
-            raise ValueError(f"{where} row {i}: offset {self.offsets[i]} is not after the previous offset "
-                             f"{self.offsets[i - 1]}; offsets must be strictly increasing")
+            fail(f": offset {self.offsets[i]} is not after the previous offset {self.offsets[i - 1]}; offsets must "
+                 "be strictly increasing", i)
         if (self.lengths <= 0).any():
             i = int(np.flatnonzero(self.lengths <= 0)[0])
-            raise ValueError(f"{where} row {i}: token count {self.lengths[i]} must be positive")
+            fail(f": token count {self.lengths[i]} must be positive (an empty document); drop empty documents "
+                 "when writing the file", i, "empty")
         buf = self._buffer()
         before = np.where(self.offsets > 0, buf[np.maximum(self.offsets - 1, 0)], ord("\n"))  # byte before each line
         if (before != ord("\n")).any() or self.offsets[0] != 0:
             i = 0 if self.offsets[0] != 0 else int(np.flatnonzero(before != ord("\n"))[0])
-            raise ValueError(f"{where} row {i}: offset {self.offsets[i]} does not point at the start of a line of "
-                             f"{self.path}; the meta does not belong to this .bin — regenerate it")
+            fail(f": offset {self.offsets[i]} does not point at the start of a line of {self.path}; the meta does "
+                 "not belong to this .bin — regenerate it", i)
+        spans = np.diff(np.append(self.offsets, self.size))  # bytes of each row's line (newline included)
+        short = np.flatnonzero(spans < 2 * self.lengths + MIN_LINE_BYTES)
+        if short.size:
+            i = int(short[0])
+            fail(f": the meta says {self.lengths[i]} tokens but the line has only {spans[i]} bytes (at least "
+                 f"{2 * self.lengths[i] + MIN_LINE_BYTES} needed); the meta is stale — regenerate it", i)
         if self.size <= FULL_CHECK_BYTES:  # counting lines reads the whole file: only for files up to 1 GiB
             lines = int(np.count_nonzero(buf == ord("\n"))) + (buf[-1] != ord("\n"))
             if lines != n:
-                raise ValueError(f"{where} has {n} rows but {self.path} has {lines} lines; the meta does not "
-                                 "belong to this .bin — regenerate it")
+                fail(f" has {n} rows but {self.path} has {lines} lines; the meta does not belong to this .bin — "
+                     "regenerate it", None)
+        else:  # the last row's line must run to the end of the file (mmap.find stops at the first newline)
+            end = self._mm.find(b"\n", int(self.offsets[-1]))
+            if 0 <= end < self.size - 1:
+                fail(f": {self.path} has more lines after row {n - 1}'s line; the meta does not belong to this "
+                     ".bin — regenerate it", None)
 
     def raw(self, i: int) -> np.ndarray:
         """Signed tokens of document (line) ``i`` as int64 [length]; a negative id means no loss."""
@@ -190,24 +236,14 @@ class FtdpFile:
         start = int(self.offsets[i])
         end = int(self.offsets[i + 1]) if i + 1 < len(self.offsets) else self.size
         line = bytes(self._buffer()[start:end])
-        arr = _parse_tokens_fast(line)
-        if arr is None or arr.size != self.lengths[i]:
-            arr = self._parse_json(line, i, start)
-        if arr.ndim != 1 or arr.size != self.lengths[i]:
-            raise ValueError(f"{self.path} line {i + 1} (byte {start}): the meta says {self.lengths[i]} tokens but "
-                             f"the line has {arr.size}; regenerate {self.meta_path}")
+        arr = parse_tokens(line, f"{self.path} line {i + 1} (byte {start})", self.path, i + 1)
+        if arr.size != self.lengths[i]:
+            raise FtdpError(f"{self.path} line {i + 1} (byte {start}): the meta says {self.lengths[i]} tokens but "
+                            f"the line has {arr.size}; regenerate {self.meta_path}", "count", self.path, i + 1)
         self._cache[i] = arr
         if len(self._cache) > self._cache_docs:
             self._cache.popitem(last=False)
         return arr
-
-    def _parse_json(self, line: bytes, i: int, start: int) -> np.ndarray:
-        try:
-            return np.asarray(json.loads(line)["tokens"], dtype=np.int64)
-        except (ValueError, KeyError, TypeError) as err:
-            head = line[:80].decode("utf-8", "replace")
-            raise ValueError(f"{self.path} line {i + 1} (byte {start}): not a JSON object with an integer list "
-                             f"'tokens' ({type(err).__name__}: {err}); line starts with {head!r}") from err
 
     def document(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """(input ids [n] int64, loss mask [n] bool) of document ``i``."""
@@ -217,23 +253,70 @@ class FtdpFile:
         return {**self.__dict__, "_mm": None, "_cache": OrderedDict()}
 
 
-def _parse_tokens_fast(line: bytes) -> np.ndarray | None:
-    """The ``"tokens": [...]`` list parsed by NumPy (~10x faster than json for long documents); None when the line
-    does not look like that, and the caller falls back to ``json.loads`` (which reports malformed lines)."""
-    key = line.find(b'"tokens"')
-    lo = line.find(b"[", key) if key >= 0 else -1
-    hi = line.find(b"]", lo) if lo >= 0 else -1
-    if hi < 0:
-        return None
+def parse_tokens(line: bytes, where: str, path=None, line_no: int | None = None) -> np.ndarray:
+    """Signed ids [n] int64 of one ftdp line, exactly as ``json.loads(line)["tokens"]``. A line in the plain form
+    ``{"tokens": [ints]}`` longer than ``FAST_MIN_BYTES`` is read by NumPy (~2x faster); any other line (short,
+    more keys, floats, big ints, malformed) goes through ``json.loads``. ``where`` starts the FtdpError message (kind utf8/json)."""
+    fast = _parse_plain_line(line) if len(line) >= FAST_MIN_BYTES else None
+    if fast is not None:
+        return fast
+    head = line[:80].decode("utf-8", "replace")
     try:
-        return np.fromstring(line[lo + 1:hi], dtype=np.int64, sep=",")
-    except ValueError:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise FtdpError(f"{where}: not UTF-8 ({err}); line starts with {head!r}", "utf8", path, line_no) from err
+    try:
+        tokens = json.loads(text)["tokens"]
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            raise TypeError("'tokens' is not a list of integers")
+        return np.asarray(tokens, dtype=np.int64)
+    except (ValueError, KeyError, TypeError, OverflowError) as err:
+        raise FtdpError(f"{where}: not a JSON object with an integer list 'tokens' ({type(err).__name__}: {err}); "
+                        f"line starts with {head!r}", "json", path, line_no) from err
+
+
+def _parse_plain_line(line: bytes) -> np.ndarray | None:
+    """Ids of a line that is exactly ``{"tokens": [i, j, ...]}`` (JSON integers; whitespace only after commas, as
+    ``json.dumps`` writes), read by NumPy; None for any other line. The list is checked byte-wise, vectorised, so
+    that NumPy reads exactly what ``json.loads`` would: only digits, commas, minus signs and whitespace after a
+    comma; a minus only right before a digit; one comma between numbers; no leading zeros; at most 18 digits."""
+    head = _HEAD.match(line)
+    tail = line.rstrip(_WS)
+    if head is None or not tail.endswith(b"}") or not tail[:-1].rstrip(_WS).endswith(b"]"):
         return None
+    body = tail[:-1].rstrip(_WS)[head.end():-1].strip(_WS)
+    if not body:
+        return np.zeros(0, np.int64)
+    chars = np.frombuffer(body, np.uint8)
+    cls = _CLASS[chars]
+    if cls.max() == _OTHER or cls[0] == _COMMA or cls[-1] != _DIGIT:
+        return None
+    a, b = cls[:-1], cls[1:]  # every pair of neighbouring bytes
+    starts = np.concatenate([[True], a != _DIGIT])[:-1]  # a[i] begins a number (if it is a digit)
+    bad = ((a == _DIGIT) & (b == _MINUS)) | ((a == _MINUS) & (b != _DIGIT)) | ((a == _COMMA) & (b == _COMMA)) \
+        | ((b == _SPACE) & (a != _COMMA) & (a != _SPACE)) | ((a == _SPACE) & (b == _COMMA)) \
+        | (starts & (chars[:-1] == ord("0")) & (b == _DIGIT))  # a leading zero
+    commas = np.flatnonzero(cls == _COMMA)
+    if bad.any() or np.diff(commas, prepend=-1, append=len(body)).max() > MAX_FAST_CHARS + 1:
+        return None
+    ids = np.fromstring(body, dtype=np.int64, sep=",")
+    return ids if ids.size == commas.size + 1 else None
+
+
+def check_ids(raw: np.ndarray, vocab_size: int, path, line_no: int) -> None:
+    """FtdpError (kind ``"vocab"``) if an id of ``raw`` (signed ids of line ``line_no``) is >= ``vocab_size``."""
+    top = int(np.abs(raw).max(initial=0))
+    if top >= vocab_size:
+        raise FtdpError(f"{path} line {line_no}: token id {top} >= the model's vocab_size {vocab_size}; the data was "
+                        "tokenized with a different tokenizer", "vocab", path, line_no)
 
 
 def list_bin_files(folder: str | os.PathLike, data_order_file: str | os.PathLike | None = None) -> list[str]:
-    """Relative POSIX paths of the ``.bin`` files under ``folder``: sorted walk order (directories and files sorted,
-    like InternEvo), or the order listed in ``data_order_file`` (one path per line, relative to ``folder``)."""
+    """Relative POSIX paths of the ``.bin`` files under ``folder``: walk order with directories and files sorted
+    (the same order on every file system), or the order listed in ``data_order_file`` (one path per line, relative
+    to ``folder``). InternEvo 0.5.2 sorts only the files of each directory and visits directories in the file
+    system's order (its ``dirs.sort()`` runs after the walk is listed), so the two orders differ when a folder has
+    several subfolders; pass a ``data_order_file`` to reproduce a given InternEvo run's order."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"train_folder {root} does not exist or is not a directory")

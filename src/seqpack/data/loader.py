@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..batch import PackedBatch
-from .ftdp import FtdpFile, list_bin_files
+from .ftdp import FtdpFile, check_ids, list_bin_files
 from .mixing import WeightedSchedule, group_files
 from .packing import Plan, check_strategy, concat_plans, plan_bfd, plan_cut, plan_padded, render_row
 
@@ -42,11 +42,13 @@ class _Group:
     tokens: int
 
 
-def min_length_for(rel: str, min_length: int, min_length_dict: dict[str, int] | None) -> int:
-    """InternEvo's rule: a ``min_length_dict`` key that is a substring of the file path overrides ``min_length``."""
-    hits = [k for k in (min_length_dict or {}) if k in rel]
+def min_length_for(path: str, min_length: int, min_length_dict: dict[str, int] | None) -> int:
+    """InternEvo's rule: a ``min_length_dict`` key that is a substring of the file's path overrides ``min_length``.
+    ``path`` is the full path as InternEvo forms it, ``os.path.join(train_folder, relative path)``, so a key can
+    also match a part of the folder's own path (and then applies to every file)."""
+    hits = [k for k in (min_length_dict or {}) if k in path]
     if len(hits) > 1:
-        raise ValueError(f"file {rel!r} matches several min_length_dict keys {hits}; make them disjoint")
+        raise ValueError(f"file {path!r} matches several min_length_dict keys {hits}; make them disjoint")
     return int(min_length_dict[hits[0]]) if hits else int(min_length)
 
 
@@ -95,7 +97,8 @@ class PackedLoader:
         """Per file: indices of the documents kept (min_length filter, then the first ``max_docs`` overall)."""
         keep, budget = [], max_docs
         for rel, f in zip(self.rels, self.files):
-            idx = np.flatnonzero(f.lengths >= min_length_for(rel, min_length, min_length_dict))
+            full = os.path.join(self.folder, rel)  # InternEvo matches the keys against the full path
+            idx = np.flatnonzero(f.lengths >= min_length_for(full, min_length, min_length_dict))
             if budget is not None:
                 idx, budget = idx[:budget], budget - min(budget, len(idx))
             keep.append(idx)
@@ -182,9 +185,8 @@ class PackedLoader:
     def _raw(self, g: _Group, d: int) -> np.ndarray:
         f, line = self.files[g.file_of[d]], int(g.line_of[d])
         raw = f.raw(line)
-        if self.vocab_size is not None and len(raw) and int(np.abs(raw).max()) >= self.vocab_size:
-            raise ValueError(f"{f.path} line {line + 1}: token id {int(np.abs(raw).max())} >= the model's vocab_size "
-                             f"{self.vocab_size}; the data was tokenized with a different tokenizer")
+        if self.vocab_size is not None:
+            check_ids(raw, self.vocab_size, f.path, line + 1)
         return raw
 
     def check_vocab(self, vocab_size: int) -> int:
@@ -193,11 +195,9 @@ class PackedLoader:
         largest = -1
         for f, idx in zip(self.files, self._used_lines()):
             for line in idx:
-                top = int(np.abs(f.raw(int(line))).max())
-                if top >= vocab_size:
-                    raise ValueError(f"{f.path} line {line + 1}: token id {top} >= the model's vocab_size "
-                                     f"{vocab_size}; the data was tokenized with a different tokenizer")
-                largest = max(largest, top)
+                raw = f.raw(int(line))
+                check_ids(raw, vocab_size, f.path, int(line) + 1)
+                largest = max(largest, int(np.abs(raw).max()))
         return largest
 
     def _used_lines(self) -> list[np.ndarray]:

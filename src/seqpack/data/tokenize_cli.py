@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .check import length_stats
 from .ftdp import FtdpWriter
 from .sources import encode_chat, encode_text, find_inputs, iter_records, record_kind
 
@@ -87,18 +88,15 @@ def tokenize_inputs(inputs, output, tokenizer, *, type_="", text_key="text", mes
                 bar.update(1)
         written.append(str(target))
     bar.close()
-    lens = np.asarray(lengths, dtype=np.int64)
-    pct = {f"p{q}": int(np.percentile(lens, q)) for q in (50, 90, 99)} if len(lens) else {}
-    return dict(files=written, documents=len(lens), tokens=int(lens.sum()), loss_tokens=loss_tokens,
-                text_documents=kinds["text"], chat_documents=kinds["chat"],
-                length=dict(min=int(lens.min()) if len(lens) else 0, **pct, max=int(lens.max(initial=0))))
+    return dict(files=written, documents=len(lengths), tokens=int(sum(lengths)), loss_tokens=loss_tokens,
+                text_documents=kinds["text"], chat_documents=kinds["chat"], length=length_stats(lengths))
 
 
 def format_summary(s: dict, seconds: float) -> str:
     L = s["length"]
     return (f"wrote {len(s['files'])} ftdp files: {s['documents']} documents ({s['text_documents']} text, "
             f"{s['chat_documents']} chat), {s['tokens']} tokens ({s['loss_tokens']} with loss) in {seconds:.1f} s\n"
-            f"document length: min {L['min']}  p50 {L.get('p50', 0)}  p90 {L.get('p90', 0)}  p99 {L.get('p99', 0)}"
+            f"document length: min {L['min']}  p50 {L['p50']}  p90 {L['p90']}  p99 {L['p99']}"
             f"  max {L['max']}")
 
 

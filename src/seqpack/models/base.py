@@ -29,7 +29,7 @@ import inspect
 
 from ..batch import IGNORE_INDEX
 from ..parallel.comm import group_rank
-from .rope import RotaryEmbedding, apply_rope, document_lengths
+from .rope import RotaryEmbedding, apply_rope, cached_key_positions, document_lengths, rotate
 
 
 # transformers 5.24 renamed the KV cache from ``past_key_values`` to ``cache`` (in model kwargs, output fields and
@@ -115,13 +115,19 @@ class NativeAttention(nn.Module):
         """Hook for position biases: returns (mask to pass, extra keyword arguments for the attention function)."""
         return attention_mask, {}
 
-    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                key_position_embeddings=None, **kwargs):
         B, T, _ = hidden_states.shape
         q, k, v = (x.transpose(1, 2) for x in self.project(hidden_states))  # [B, T, H, D] -> [B, H, T, D]
-        if position_embeddings is not None:
-            q, k = apply_rope(q, k, *position_embeddings, fp32=self.rope_fp32)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if key_position_embeddings is not None:  # the cache holds unrotated keys: rotate all with the current table
+            q = rotate(q, *position_embeddings, fp32=self.rope_fp32)
+            k, v = past_key_values.update(k, v, self.layer_idx)  # [B, Nkv, past + T, D]
+            k = rotate(k, *key_position_embeddings, fp32=self.rope_fp32)
+        else:
+            if position_embeddings is not None:
+                q, k = apply_rope(q, k, *position_embeddings, fp32=self.rope_fp32)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)
         attention_mask, extras = self.attention_extras(attention_mask, q, k)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         out, weights = interface(self, q, k, v, attention_mask, dropout=0.0 if not self.training else
@@ -171,6 +177,10 @@ class NativePreTrainedModel(PreTrainedModel):
 class NativeModel(NativePreTrainedModel):
     """Embedding -> decoder layers -> final norm. Returns hidden states [B, T, H]."""
 
+    # dynamic NTK with a KV cache: cache keys unrotated and rotate all of them at every step with the table of the
+    # current length (InternLM's published code; the others cache rotated keys)
+    rotate_cached_keys = False
+
     def __init__(self, config):
         super().__init__(config)
         self.padding_idx = config.pad_token_id
@@ -218,6 +228,12 @@ class NativeModel(NativePreTrainedModel):
                     group_rank(getattr(getattr(self, "seqpack_options", None), "sp_group", None)) * T
                 doc_lens = document_lengths(position_ids, cu, past, start)
             position_embeddings = self.rotary_emb(position_ids, doc_lens)  # cos/sin [B, T, D] fp32
+            if self.rotate_cached_keys and self.rotary_emb.needs_doc_lens and past_key_values is not None:
+                if past == 0:  # prefill: the keys are the queries' tokens
+                    kwargs["key_position_embeddings"] = position_embeddings
+                else:  # every cached key, with the table of the current length past + T
+                    key_pos = cached_key_positions(position_ids, past + T)  # [B, past + T]
+                    kwargs["key_position_embeddings"] = self.rotary_emb(key_pos, torch.full_like(key_pos, past + T))
         hidden_states = inputs_embeds
         for layer in self.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids,

@@ -65,6 +65,8 @@ class InternLMPreTrainedModel(NativePreTrainedModel):
 
 
 class InternLMModel(InternLMPreTrainedModel, NativeModel):
+    rotate_cached_keys = True  # as the published modeling_internlm.py (matters only past max_position_embeddings)
+
     def make_rotary(self, config):
         rotary = config.rotary
         return RotaryEmbedding(config.hidden_size // config.num_attention_heads, rotary.get("base", 10000),

@@ -9,7 +9,9 @@ Variants (as published in the checkpoints' modeling files):
   base' = base * (factor * L / max_pos - (factor - 1)) ^ (D / (D - 2)); shorter sequences use ``base``.
   In a packed row every document is its own sequence, so L is the length of the token's **document** (exactly what
   the document gets when run alone through the published code); without packing metadata L is the row length
-  including the KV cache, as in the published code.
+  including the KV cache, as in the published code. InternLM's published code caches keys *unrotated* and, at
+  every step, rotates all of them with the table of the current length L (``cached_key_positions``); its model
+  does the same (``NativeModel.rotate_cached_keys``), so generation past ``max_position_embeddings`` matches.
 
 The published code builds cos/sin tables with ``arange(L) (x) inv_freq`` in fp32; here each entry is the same fp32
 product ``position * inv_freq``, so tables match bit for bit.
@@ -70,16 +72,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool = False):
-    """q [B, N, T, D], k [B, Nkv, T, D], cos/sin [B, T, D] -> rotated q, k (NeoX half-rotation).
-    ``fp32=True`` rotates in fp32 and casts back (Baichuan2); else cos/sin are cast to q's dtype (InternLM)."""
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool = False) -> torch.Tensor:
+    """x [B, H, T, D], cos/sin [B, T, D] -> x rotated (NeoX half-rotation).
+    ``fp32=True`` rotates in fp32 and casts back (Baichuan2); else cos/sin are cast to x's dtype (InternLM)."""
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, D]
     if fp32:
-        dt = q.dtype
-        q, k = q.float(), k.float()
-        return (q * cos + rotate_half(q) * sin).to(dt), (k * cos + rotate_half(k) * sin).to(dt)
-    cos, sin = cos.to(q.dtype), sin.to(q.dtype)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fp32: bool = False):
+    """q [B, N, T, D], k [B, Nkv, T, D], cos/sin [B, T, D] -> rotated q, k (see :func:`rotate`)."""
+    return rotate(q, cos, sin, fp32), rotate(k, cos, sin, fp32)
+
+
+def cached_key_positions(position_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """[B, T] positions of the current tokens -> [B, kv_len] positions of every cached key, as InternLM's published
+    ``apply_rotary_pos_emb`` rotates them: contiguous, ending at each row's last position (left padding: a row's
+    real keys are its last ``position + 1``; the pad slots before them get negative positions and are masked)."""
+    last = position_ids[:, -1:]  # [B, 1]
+    return last - (kv_len - 1) + torch.arange(kv_len, device=position_ids.device)[None]
 
 
 def document_lengths(position_ids: torch.Tensor, cu_seqlens: torch.Tensor | None, past: int,
