@@ -95,3 +95,15 @@ def test_twenty_step_train_on_gpu_loss_falls(tmp_path, capsys):
     assert "attention=flash_attn" in line or "attention=torch_varlen" in line, line
     assert result.final_loss < result.first_loss - 0.5
     assert next(result.model.parameters()).device.type == "cuda"
+
+
+@pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-packed", False)])
+def test_bench_packing_on_gpu(method, exact):
+    """`seqpack bench packing --device cuda` in miniature: bf16, checkpointing, MFU, exactness columns."""
+    from seqpack.bench.packing import LEAK_TOLERANCE, run_one
+
+    r = run_one(method, 4096, steps=1, seed=0, dist="lognormal", device="cuda", model_name="small", median=1024,
+                checkpointing=True)
+    print(r)
+    assert 0 < r["mfu"] < 1 and r["peak_mb"] > 0
+    assert (r["leak"] <= LEAK_TOLERANCE) is exact
