@@ -203,3 +203,6 @@ def test_internevo_compat_goes_through_the_same_backends(kernels):
     assert [c["fn"] for c in si.CALLS] == ["flash"] and si.CALLS[0]["softmax_scale"] == 0.3
     ref = varlen_attention(q[0].float(), k[0].float(), v[0].float(), CU, 16, AttnSpec(scale=0.3), "sdpa")
     assert (out[0].float() - ref).abs().max() <= 2e-2
+    si.CALLS.clear()
+    isp_flash_attn_varlen_func(q, k, v, cu, cu, 16, 16, causal=False)
+    assert si.CALLS[0]["causal"] is False and si.CALLS[0]["window_size"] == (-1, -1)
