@@ -1,12 +1,14 @@
 """``seqpack bench packing``'s exactness columns: the per-document loss and the leak probe tell exact methods from
-transformers' position_ids-only packed path, which (transformers 5.x, sdpa/eager) lets documents see each other."""
+``model(input_ids, position_ids)`` with the default use_cache=True, where transformers (5.24) skips its
+packed-sequence detection and lets documents attend to each other; with use_cache=False it separates them."""
 
 import pytest
 
 from seqpack.bench.packing import LEAK_TOLERANCE, render_table, run_one
 
 
-@pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-packed", False), ("padded", True)])
+@pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-packed", True), ("sdpa-posids", False),
+                                           ("padded", True)])
 def test_bench_reports_which_methods_are_exact(method, exact):
     r = run_one(method, 256, steps=1, seed=0, dist="lognormal", model_name="tiny", median=40)
     assert r["docs"] > 1 and r["step_s"] > 0

@@ -97,7 +97,7 @@ def test_twenty_step_train_on_gpu_loss_falls(tmp_path, capsys):
     assert next(result.model.parameters()).device.type == "cuda"
 
 
-@pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-packed", False)])
+@pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-posids", False), ("flex-packed", True)])
 def test_bench_packing_on_gpu(method, exact):
     """`seqpack bench packing --device cuda` in miniature: bf16, checkpointing, MFU, exactness columns."""
     from seqpack.bench.packing import LEAK_TOLERANCE, run_one

@@ -1,10 +1,13 @@
 """``seqpack bench packing``: one training step (forward + backward) on the same documents several ways.
 
 - seqpack: one packed row, ``attn_implementation="seqpack"`` (exact varlen, no T x T mask)
-- sdpa-packed: the same row as transformers' ``attn_implementation="sdpa"`` with restarting position_ids only (the
-  padding-free collator's output). transformers 5.x does NOT separate documents from position_ids on this path:
-  every token attends to the whole row before it, so its loss is not the per-document loss.
-- flex-packed: the same with ``attn_implementation="flex_attention"`` (CUDA; same caveat)
+- sdpa-packed: the same row through transformers' own packed path: ``attn_implementation="sdpa"``, restarting
+  position_ids and ``use_cache=False``; transformers then detects the documents from position_ids and builds a
+  dense [T, T] block mask (exact)
+- sdpa-posids: the same but with the model's default ``use_cache=True`` (what ``model(input_ids, position_ids)``
+  does): transformers (5.24) creates a cache, skips the packed-sequence detection and runs plain causal attention
+  over the whole row, so documents attend to each other and the loss is not the per-document loss
+- flex-packed / flex-posids: the same two with ``attn_implementation="flex_attention"`` (a BlockMask; CUDA)
 - padded: the same documents one per row, padded to the longest in each micro-batch (at most T slots each)
 
 Every method's loss is printed next to the exact per-document loss (each document alone through the same model),
@@ -43,8 +46,9 @@ MODELS = {
                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=1 << 18),
 }
 MODEL = MODELS["small"]
-METHODS = ("seqpack", "sdpa-packed", "flex-packed", "padded")
-IMPL = {"seqpack": "seqpack", "sdpa-packed": "sdpa", "flex-packed": "flex_attention", "padded": "sdpa"}
+METHODS = ("seqpack", "sdpa-packed", "sdpa-posids", "flex-packed", "flex-posids", "padded")
+IMPL = {"seqpack": "seqpack", "sdpa-packed": "sdpa", "sdpa-posids": "sdpa", "flex-packed": "flex_attention",
+        "flex-posids": "flex_attention", "padded": "sdpa"}
 LEAK_TOLERANCE = 1e-4
 
 
@@ -109,9 +113,7 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_onl
         return seqpack.causal_lm_loss(model(**inputs).logits, labels, num_valid=num_valid)
 
     def packed_step():
-        inputs = batch.model_inputs() if method == "seqpack" else dict(input_ids=batch.input_ids,
-                                                                        position_ids=batch.position_ids)
-        loss = loss_of(inputs, batch.shift_labels, batch.num_valid_targets)
+        loss = loss_of(_packed_inputs(method, batch), batch.shift_labels, batch.num_valid_targets)
         loss.backward()
         return float(loss)
 
@@ -121,7 +123,7 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_onl
         valid, total = batch.num_valid_targets, 0.0
         for group in micro_batches:
             ids, mask, labels = _padded_rows([docs[i] for i in group], dev)
-            loss = loss_of(dict(input_ids=ids, attention_mask=mask), labels, valid)
+            loss = loss_of(dict(input_ids=ids, attention_mask=mask, use_cache=False), labels, valid)
             loss.backward()
             total += float(loss)
         return total
@@ -155,6 +157,15 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_onl
     return result
 
 
+def _packed_inputs(method: str, batch) -> dict:
+    """``model(**...)`` inputs of a packed method: seqpack's varlen metadata, or restarting position_ids alone —
+    with ``use_cache=False`` ("-packed", as a training loop passes it) or the model's default ("-posids")."""
+    if method == "seqpack":
+        return dict(batch.model_inputs(), use_cache=False)
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    return inputs if method.endswith("-posids") else dict(inputs, use_cache=False)
+
+
 def _padded_rows(docs, dev):
     """Documents one per row, right-padded: (input_ids, attention_mask, shifted labels) each [B, L]."""
     import torch
@@ -180,7 +191,7 @@ def _per_document_loss(model, docs, dev) -> float:
         for d in docs:
             if len(d) < 2:
                 continue
-            logits = model(input_ids=d[None].to(dev)).logits
+            logits = model(input_ids=d[None].to(dev), use_cache=False).logits
             total += float(seqpack.loss.token_loss_sum(logits[:, :-1], d[None, 1:].to(dev)))
             count += len(d) - 1
     return total / count
@@ -200,12 +211,9 @@ def _leak(model, method: str, dev, seed: int) -> float:
         for first in (a, a2):
             if method == "padded":
                 ids, mask, _ = _padded_rows([first, b], dev)
-                outs.append(model(input_ids=ids, attention_mask=mask).logits[1, :len(b)])
+                outs.append(model(input_ids=ids, attention_mask=mask, use_cache=False).logits[1, :len(b)])
                 continue
-            packed = seqpack.pack([first, b]).to(dev)
-            inputs = packed.model_inputs() if method == "seqpack" else dict(input_ids=packed.input_ids,
-                                                                            position_ids=packed.position_ids)
-            outs.append(model(**inputs).logits[0, len(first):])
+            outs.append(model(**_packed_inputs(method, seqpack.pack([first, b]).to(dev))).logits[0, len(first):])
     return float((outs[0].float() - outs[1].float()).abs().max())
 
 
@@ -256,8 +264,8 @@ def main(argv: list[str] | None = None) -> int:
                         "cuda)")
     parser.add_argument("--lengths", type=int, nargs="+", help="row lengths T (default: 4096 8192 16384 on cpu, "
                         "16384 65536 131072 on cuda)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: seqpack sdpa-packed padded on cpu, "
-                        "seqpack sdpa-packed flex-packed on cuda")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: seqpack sdpa-packed sdpa-posids "
+                        "padded on cpu, seqpack sdpa-packed sdpa-posids flex-packed flex-posids on cuda")
     parser.add_argument("--median", type=int, help="median document length (default 400 on cpu, 1024 on cuda)")
     parser.add_argument("--checkpointing", choices=("on", "off"), help="activation checkpointing (default: on for "
                         "cuda, off for cpu)")
@@ -274,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     median = args.median or (1024 if cuda else 400)
     checkpointing = (args.checkpointing or ("on" if cuda else "off")) == "on"
     lengths = args.lengths or ([16384, 65536, 131072] if cuda else [4096, 8192, 16384])
-    methods = args.methods or (["seqpack", "sdpa-packed", "flex-packed"] if cuda else ["seqpack", "sdpa-packed",
-                                                                                        "padded"])
+    methods = args.methods or ["seqpack", "sdpa-packed", "sdpa-posids"] + \
+        (["flex-packed", "flex-posids"] if cuda else ["padded"])
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.seed, args.dist,
                                  args.attention_only, args.device, model, median, checkpointing)))
