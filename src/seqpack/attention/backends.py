@@ -4,12 +4,14 @@ Shape legend: T packed tokens, N query heads, Nkv key/value heads, D head dim.
 
 Each installed kernel is adapted ONCE from its signature (``inspect.signature``), not per call:
 
-| kernel | signature seen | causal / window | scale | GQA |
-|---|---|---|---|---|
-| torch 2.9 / 2.10 ``varlen_attn`` | ``(..., max_q, max_k, is_causal=False, return_aux=None)`` | ``is_causal``; no window | none: q is pre-scaled when that is exact (power-of-two factor), else refused | KV repeated |
-| torch 2.11 ``varlen_attn`` | ``(..., *, return_aux, scale, window_size)`` | ``window_size=(W-1, 0)`` | ``scale`` | KV repeated (no ``enable_gqa``) |
-| torch 2.12+ ``varlen_attn`` | adds ``enable_gqa``, ``seqused_k``, ``block_table`` | ``window_size`` | ``scale`` | ``enable_gqa`` |
-| flash-attn 2.6+ ``flash_attn_varlen_func`` | ``(..., dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, ...)`` | ``causal`` + ``window_size`` | ``softmax_scale`` | shared natively |
+- torch 2.9 / 2.10 ``varlen_attn(..., max_q, max_k, is_causal=False, return_aux=None)``: ``is_causal``, no
+  window (refused), no scale (q pre-scaled when the factor to 1/sqrt(D) is a power of two, exact; else refused),
+  KV heads repeated to N.
+- torch 2.11 ``varlen_attn(..., *, return_aux, scale, window_size)``: ``window_size=(W-1, 0)`` / ``(-1, 0)``
+  causal / ``(-1, -1)`` non-causal, ``scale``; no ``enable_gqa``, so KV heads are repeated to N.
+- torch 2.12+ adds ``enable_gqa``, ``seqused_k``, ``block_table``: as 2.11 with ``enable_gqa=True``.
+- flash-attn 2.6+ ``flash_attn_varlen_func(..., dropout_p, softmax_scale, causal, window_size, softcap,
+  alibi_slopes, ...)``: GQA shared natively; softcap with dropout refused (flash-attn refuses it).
 
 Both are FlashAttention inside: float16/bfloat16 only, head dim <= 256. ``auto`` tries flash-attn, then torch
 varlen, and falls back to the exact SDPA path for anything neither can run (float32, softcap on torch varlen,

@@ -123,8 +123,8 @@ def choose_device(preference: str = "auto", local_rank: int = 0) -> tuple[str, t
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return "gloo", torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError("train.device='cuda' but torch.cuda.is_available() is False (no GPU, or a CPU-only torch "
-                         f"{torch.__version__}); use train.device='cpu' or 'auto'")
+        raise ValueError("device 'cuda' requested (train.device / --device) but torch.cuda.is_available() is False "
+                         f"(no GPU, or a CPU-only torch {torch.__version__}); use device 'cpu' or 'auto'")
     count = torch.cuda.device_count()
     if local_rank >= count:
         raise ValueError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at most {count} "
