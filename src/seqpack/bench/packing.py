@@ -115,7 +115,7 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_onl
     def packed_step():
         loss = loss_of(_packed_inputs(method, batch), batch.shift_labels, batch.num_valid_targets)
         loss.backward()
-        return float(loss)
+        return float(loss.detach())
 
     micro_batches = _padded_micro_batches(lengths, T)
 
@@ -125,7 +125,7 @@ def run_one(method: str, T: int, steps: int, seed: int, dist: str, attention_onl
             ids, mask, labels = _padded_rows([docs[i] for i in group], dev)
             loss = loss_of(dict(input_ids=ids, attention_mask=mask, use_cache=False), labels, valid)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         return total
 
     step = padded_step if method == "padded" else packed_step
