@@ -63,7 +63,7 @@ class KernelAdapter:
 
     def refusal(self, spec: AttnSpec, dtype: torch.dtype, head_dim: int) -> str | None:
         """Why this kernel cannot run a call with ``spec`` on ``dtype`` inputs of head dim D, or None."""
-        name = f"{self.name} ({self.fn.__module__}.{self.fn.__name__})"
+        name = f"{self.fn.__module__}.{self.fn.__name__}"
         if dtype not in HALF:
             return f"{name} runs float16/bfloat16 only, got {dtype}"
         if head_dim > self.max_head_dim or head_dim % 8:
@@ -149,7 +149,7 @@ def kernel(name: str) -> KernelAdapter | None:
 
             return adapt_flash_attn(flash_attn_varlen_func)
         from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    except (ImportError, OSError):  # not installed, or built against another torch / CUDA
         return None
     return adapt_torch_varlen(varlen_attn)
 
@@ -180,7 +180,8 @@ def kernel_refusal(name: str, device: torch.device, spec: AttnSpec, dtype: torch
     if adapter is None:
         return ("needs the flash-attn package (pip install flash-attn)" if name == "flash_attn" else
                 f"needs torch.nn.attention.varlen (torch >= 2.9; this is torch {torch.__version__})")
-    return adapter.refusal(spec, dtype, head_dim)
+    reason = adapter.refusal(spec, dtype, head_dim)
+    return None if reason is None else f"cannot run this call: {reason}"
 
 
 def resolve_backend(name: str, device: torch.device, spec: AttnSpec, dtype: torch.dtype = torch.float32,
