@@ -23,6 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
 from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
+from .backends import compute_dtype, resolve_backend
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
 
 NAME = "seqpack"
@@ -34,6 +35,7 @@ class AttentionOptions:
 
     backend: str = "auto"
     sp_group: object | None = field(default=None, repr=False)  # sequence-parallel process group (parallel/)
+    used: set = field(default_factory=set, repr=False)  # backends packed calls actually ran on ("torch_varlen", ...)
 
 
 DEFAULT_OPTIONS = AttentionOptions()
@@ -73,14 +75,23 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
     cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"), T * sp_size,
                                 start=sp_rank * T)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [1, H, T, D] -> [T, H, D]
+    backend = resolve_backend(opts.backend, q.device, spec, compute_dtype(q), q.shape[-1])  # errors before any work
+    if opts is not DEFAULT_OPTIONS:
+        opts.used.add(backend)
     if sp_size > 1:  # T is this rank's shard: [T, N, D] -> all-to-all -> [T*S, N/S, D] -> kernel -> back
         local = spec if alibi_slopes is None else replace(
             spec, alibi_slopes=_rank_alibi_slopes(alibi_slopes, k.shape[1], sp_size, sp_rank))
         out = ulysses_attention(q, k, v, opts.sp_group, lambda q, k, v: varlen_attention(
-            q, k, v, cu, max_seqlen, local, opts.backend, cu_tensor))
+            q, k, v, cu, max_seqlen, local, backend, cu_tensor))
     else:
-        out = varlen_attention(q, k, v, cu, max_seqlen, spec, opts.backend, cu_tensor)  # [T, N, D]
+        out = varlen_attention(q, k, v, cu, max_seqlen, spec, backend, cu_tensor)  # [T, N, D]
     return out[None], None
+
+
+def backends_used(model) -> str:
+    """The backends the model's packed attention calls ran on so far, e.g. "torch_varlen" ("" before any call)."""
+    opts = getattr(model, "seqpack_options", None)
+    return "+".join(sorted(opts.used)) if opts is not None else ""
 
 
 def _rank_alibi_slopes(slopes: torch.Tensor, num_kv_heads: int, sp_size: int, sp_rank: int) -> torch.Tensor:

@@ -4,9 +4,10 @@ Shape legend: T packed tokens, n documents, N query heads, Nkv key/value heads, 
 Every kernel takes q [T, N, D], k/v [T, Nkv, D] and the host list ``cu`` (n+1 boundaries) and returns [T, N, D].
 Token t attends to token s only when both are in the same document, s <= t, and (with a window W) t - s < W.
 
-Backends:
-- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, if installed): window, softcap, dropout, GQA.
-- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA): window, GQA; no softcap, no dropout.
+Backends (chosen per call by :func:`seqpack.attention.backends.resolve_backend`):
+- ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16): window, softcap, dropout, ALiBi, GQA.
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9): window and GQA
+  where the installed signature has them; no softcap, no dropout. Both adapted once in ``backends.py``.
 - ``sdpa``: any device. Documents are grouped into buckets of similar length, right-padded to the bucket's
   longest, and run as one causal ``scaled_dot_product_attention`` batch per bucket. Right padding never changes a
   real token's result under a causal mask, so this is exact, and memory is O(sum of bucket L^2), never O(T^2).
@@ -14,14 +15,14 @@ Backends:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash_attn", "torch_varlen", "sdpa")
+from . import backends
+from .backends import BACKENDS, resolve_backend  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -33,77 +34,26 @@ class AttnSpec:
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap)
     dropout: float = 0.0
     alibi_slopes: torch.Tensor | None = None  # [N] fp32: score(t, s) += slope_h * (s - t) (Baichuan-13B style ALiBi)
-
-
-def flash_attn_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
-
-
-def torch_varlen_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def resolve_backend(name: str, device: torch.device, spec: AttnSpec) -> str:
-    """Pick a backend for this call; raise ValueError when an explicitly chosen backend cannot serve it."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(BACKENDS)}")
-    if name == "auto":
-        if device.type == "cuda" and flash_attn_available():
-            return "flash_attn"
-        if (device.type == "cuda" and torch_varlen_available() and spec.softcap is None and spec.dropout == 0.0
-                and spec.alibi_slopes is None):
-            return "torch_varlen"
-        return "sdpa"
-    if name in ("flash_attn", "torch_varlen") and device.type != "cuda":
-        raise ValueError(f"attention backend {name!r} needs CUDA tensors, got device {device}; use backend='sdpa'")
-    if name == "flash_attn" and not flash_attn_available():
-        raise ValueError("attention backend 'flash_attn' requested but flash-attn is not installed; "
-                         "pip install flash-attn, or use backend='auto'")
-    if name == "torch_varlen":
-        if not torch_varlen_available():
-            raise ValueError("attention backend 'torch_varlen' needs torch.nn.attention.varlen (torch >= 2.9) on CUDA")
-        if spec.softcap is not None:
-            raise ValueError(f"attention backend 'torch_varlen' cannot apply logit softcap ({spec.softcap}); "
-                             "use backend='flash_attn' or 'sdpa'")
-        if spec.dropout:
-            raise ValueError(f"attention backend 'torch_varlen' cannot apply attention dropout ({spec.dropout}); "
-                             "use backend='flash_attn' or 'sdpa', or set attention_dropout=0")
-        if spec.alibi_slopes is not None:
-            raise ValueError("attention backend 'torch_varlen' cannot apply ALiBi biases; use backend='flash_attn' "
-                             "or 'sdpa'")
-    return name
+    causal: bool = True  # False: every token attends to its whole document (flash_attn / torch_varlen)
 
 
 def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, backend: str = "auto",
                      cu_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """Causal attention within documents. q [T, N, D], k/v [T, Nkv, D] -> [T, N, D]."""
+    """Attention within documents (causal unless ``spec.causal`` is False). q [T, N, D], k/v [T, Nkv, D] ->
+    [T, N, D], in the compute dtype (the autocast dtype under ``torch.autocast``, else q's)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    backend = resolve_backend(backend, q.device, spec)
+    dtype = backends.compute_dtype(q)  # under autocast: the autocast dtype (RoPE leaves q/k in float32 there)
+    backend = backends.resolve_backend(backend, q.device, spec, dtype, q.shape[-1])
     if backend == "sdpa":
+        if not spec.causal:  # until the bucketed SDPA path learns non-causal attention (issue #13)
+            raise ValueError("the 'sdpa' attention backend is causal-only; non-causal attention needs flash_attn or "
+                             "torch_varlen (float16/bfloat16 on CUDA)")
         return _bucketed_sdpa(q, k, v, cu, spec)
     if cu_tensor is None or cu_tensor.device != q.device:
         cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
-    cu_tensor = cu_tensor.to(torch.int32)
-    left = spec.sliding_window - 1 if spec.sliding_window is not None else -1
-    if backend == "flash_attn":
-        from flash_attn import flash_attn_varlen_func
-
-        return flash_attn_varlen_func(
-            q, k, v, cu_tensor, cu_tensor, max_seqlen, max_seqlen, dropout_p=spec.dropout, softmax_scale=spec.scale,
-            causal=True, window_size=(left, 0), softcap=spec.softcap or 0.0,
-            alibi_slopes=None if spec.alibi_slopes is None else spec.alibi_slopes.to(q.device, torch.float32),
-        )
-    from torch.nn.attention.varlen import varlen_attn
-
-    return varlen_attn(q, k, v, cu_tensor, cu_tensor, max_seqlen, max_seqlen, scale=spec.scale,
-                       window_size=(left, 0), enable_gqa=k.shape[1] != q.shape[1])
+    q, k, v = (x.to(dtype) for x in (q, k, v))  # the kernel's dtype; the output stays in it, as with SDPA
+    return backends.kernel(backend)(q, k, v, cu_tensor.to(torch.int32), max_seqlen, spec)
 
 
 def length_buckets(lengths: list[int], min_fill: float = 0.75) -> list[list[int]]:

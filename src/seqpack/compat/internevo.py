@@ -122,19 +122,19 @@ def _sp_group():
 def isp_flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
                                attention_dropout: float = 0.0, softmax_scale: float | None = None,
                                causal: bool = True, cu_seqlens=None, max_seqlen=None):
-    """Packed causal attention, InternEvo signature. q [1, S, H, D], k/v [1, S, Hkv, D] -> [1, S, H, D].
+    """Packed attention, InternEvo signature. q [1, S, H, D], k/v [1, S, Hkv, D] -> [1, S, H, D].
 
     ``cu_seqlens_*`` [n+1] are the GLOBAL document boundaries of the packed row (``cu_seqlens=`` / ``max_seqlen=``
     are accepted as in InternEvo's older API). With sequence parallel bound (``gpc.bind``), q/k/v are this rank's
-    S = T/sp slice and the Ulysses all-to-all runs around the kernel. Works on CPU (exact per-document SDPA).
+    S = T/sp slice and the Ulysses all-to-all runs around the kernel. Same backends as ``attn_implementation=
+    "seqpack"`` (flash-attn / torch varlen on CUDA in fp16/bf16, exact per-document SDPA otherwise); ``causal=False``
+    runs on the kernels (the SDPA path is causal-only for now).
     """
     cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
     cu_k = cu_seqlens_k if cu_seqlens_k is not None else cu_q
     if cu_q is None:
         raise ValueError("isp_flash_attn_varlen_func needs cu_seqlens_q (the packed row's document boundaries, "
                          "gpc.config.data['cu_seqlens_data_rank{r}'])")
-    if not causal:
-        raise ValueError("isp_flash_attn_varlen_func: seqpack's kernels are causal-only; pass causal=True")
     if cu_k is not cu_q and not torch.equal(cu_k.to(cu_q.device), cu_q):
         raise ValueError("isp_flash_attn_varlen_func: cu_seqlens_k differs from cu_seqlens_q; seqpack supports "
                          "self-attention over one packed row only")
@@ -152,7 +152,7 @@ def isp_flash_attn_varlen_func(q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, ma
             raise ValueError(f"isp_flash_attn_varlen_func: {name}={int(given)} is shorter than the longest "
                              f"document ({longest} tokens) in cu_seqlens")
     spec = AttnSpec(scale=softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5,
-                    dropout=attention_dropout if torch.is_grad_enabled() else 0.0)
+                    dropout=attention_dropout if torch.is_grad_enabled() else 0.0, causal=causal)
 
     def kernel(q, k, v):
         return varlen_attention(q, k, v, cu, longest, spec, "auto", cu_q)

@@ -7,7 +7,11 @@ With one process nothing is initialised and nothing needs torchrun: groups are `
 :mod:`seqpack.parallel.comm` is the identity. Under torchrun (``WORLD_SIZE`` > 1) the default process group is
 created from the environment — gloo on CPU, nccl on CUDA — unless the caller created one already.
 
-    >>> topo = init_topology(sp=1)          # one process: no torchrun, no process group
+The device belongs to the run, not to the process group (:func:`choose_device`): on a machine with CUDA every
+process uses ``cuda:LOCAL_RANK`` (``cuda:0`` for a single process) unless ``device="cpu"``; ``device="cuda"``
+without CUDA is a ValueError.
+
+    >>> topo = init_topology(sp=1, device="cpu")   # one process: no torchrun, no process group
     >>> topo.world_size, topo.dp_size, topo.sp_size, topo.sp_group is None, topo.device.type
     (1, 1, 1, True, 'cpu')
 """
@@ -29,29 +33,29 @@ class ParallelDims:
     mesh                    DeviceMesh of shape (dp, sp) named ("dp", "sp"); None with one process
     dp_group, sp_group      process groups of those mesh dimensions; None when that degree is 1
     world_group             every rank (FSDP2 and the loss denominator reduce over it); None with one process
-    device                  cuda:LOCAL_RANK with nccl, else cpu
+    device                  cuda:LOCAL_RANK on a CUDA machine (device "auto" or "cuda"), else cpu
 
-    ``dp=None`` means "whatever is left": ``world_size // sp``.
+    ``dp=None`` means "whatever is left": ``world_size // sp``. ``device``: "auto", "cpu" or "cuda".
     """
 
-    def __init__(self, dp: int | None = None, sp: int = 1, backend: str | None = None):
+    def __init__(self, dp: int | None = None, sp: int = 1, backend: str | None = None, device: str = "auto"):
         self._owns_process_group = False
         world = _world_size_from_env()
-        if world > 1 and not dist.is_initialized():
-            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend)
-            self._owns_process_group = True
+        if dist.is_initialized():  # the caller's process group decides: nccl -> its current GPU, else CPU
+            self.device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+                else torch.device("cpu")
+        else:
+            chosen, self.device = choose_device("cpu" if backend == "gloo" and device == "auto" else device,
+                                                int(os.environ.get("LOCAL_RANK", "0")))
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            if world > 1:
+                dist.init_process_group(backend or chosen)
+                self._owns_process_group = True
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_size, self.sp_size = self.check(dp, sp, self.world_size)
         self.dp_rank, self.sp_rank = divmod(self.rank, self.sp_size)
-        backend = dist.get_backend() if dist.is_initialized() else "gloo"
-        if backend == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        else:
-            self.device = torch.device("cpu")
         self.mesh = self.dp_group = self.sp_group = self.world_group = None
         if self.world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
@@ -102,9 +106,30 @@ class ParallelDims:
                 f"dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, device={self.device})")
 
 
-def init_topology(sp: int = 1, dp: int | None = None, backend: str | None = None) -> ParallelDims:
+def init_topology(sp: int = 1, dp: int | None = None, backend: str | None = None, device: str = "auto") -> ParallelDims:
     """Build the topology from torchrun's environment (or an existing process group); see :class:`ParallelDims`."""
-    return ParallelDims(dp=dp, sp=sp, backend=backend)
+    return ParallelDims(dp=dp, sp=sp, backend=backend, device=device)
+
+
+def choose_device(preference: str = "auto", local_rank: int = 0) -> tuple[str, torch.device]:
+    """(process-group backend, device) of this process: ``nccl`` and ``cuda:local_rank`` when CUDA is available
+    and not declined (``preference="cpu"``), else ``gloo`` and the CPU. One GPU per process.
+
+        >>> choose_device("cpu")
+        ('gloo', device(type='cpu'))
+    """
+    if preference not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {preference!r} is not one of auto, cpu, cuda (train.device)")
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return "gloo", torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested (train.device / --device) but torch.cuda.is_available() is False "
+                         f"(no GPU, or a CPU-only torch {torch.__version__}); use device 'cpu' or 'auto'")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise ValueError(f"LOCAL_RANK={local_rank} but only {count} CUDA device(s) are visible: start at most {count} "
+                         "processes per node (one GPU each), or set train.device='cpu'")
+    return "nccl", torch.device("cuda", local_rank)
 
 
 def _world_size_from_env() -> int:

@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top_k", type=int, default=40)
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto = cuda:0 when a GPU is available, else cpu")
 
 
 def load_for_generation(path: str | Path):
@@ -69,7 +71,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 160, temp
                   top_k: int = 40, seed: int = 0) -> str:
     """Prompt + continuation (sampled with temperature/top-k; greedy at temperature 0)."""
     torch.manual_seed(seed)
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
     sample = temperature > 0
     kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k) if sample else dict(do_sample=False)
     with torch.no_grad():
@@ -80,11 +82,15 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 160, temp
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..parallel.topology import choose_device
+
     try:
+        _, device = choose_device(getattr(args, "device", "auto"))
         model, tokenizer = load_for_generation(args.run_dir)
     except ValueError as e:
         print(f"seqpack generate: error: {e}", file=sys.stderr)
         return 2
+    model.to(device)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"----- sample {i + 1}")

@@ -27,12 +27,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..attention.hf import backends_used
 from ..compat.internevo import gpc
 from ..parallel import StepLoss, init_topology, shard_batch
 from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import Config
 from .metrics import DevicePeak, MetricsLogger, peak_memory_mib, step_flops
-from .model import autocast, build_model, count_params
+from .model import autocast, build_model, count_params, precision
 from .setup import build_loader, load_tokenizer
 
 
@@ -117,7 +118,7 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the job ``cfg`` describes; one process or every rank of a torchrun launch."""
-    topo = init_topology(sp=cfg.parallel.tensor.size)
+    topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device)  # cuda:LOCAL_RANK on a GPU machine
     try:
         return _train(cfg, topo)
     finally:
@@ -130,8 +131,6 @@ def _train(cfg: Config, topo) -> TrainResult:
     if cfg.parallel.weight.size > 1 and topo.world_size % cfg.parallel.weight.size:
         raise ValueError(f"parallel.weight.size={cfg.parallel.weight.size} does not divide the world size "
                          f"{topo.world_size}; FSDP2 shards over all {topo.world_size} ranks: set weight.size=1")
-    if cfg.train.device == "cuda" and topo.device.type != "cuda":
-        raise ValueError("train.device='cuda' but no CUDA device is available; use train.device='cpu'")
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     rank0 = topo.rank == 0
@@ -161,13 +160,15 @@ def _train(cfg: Config, topo) -> TrainResult:
                             log_every=cfg.train.log_every)
     peak = DevicePeak(topo.device)
     name = type(model).__name__.removeprefix("FSDP")
-    metrics.message(f"seqpack train: {run_dir}  {name} {n_params / 1e6:.2f}M params  "
-                    f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  packing={cfg.packing}  "
-                    f"tokens/step={topo.dp_size * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len}  "
-                    f"peak={peak.flops / 1e9:.1f} GFLOP/s ({peak.source})"
-                    + (f"  resumed from {resume} (step {start_step})" if resume else ""))
+    startup = [f"seqpack train: {run_dir}  {name} {n_params / 1e6:.2f}M params  device={topo.device}  "
+               f"dtype={precision(cfg, topo.device)}  "
+               f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  packing={cfg.packing}  "
+               f"tokens/step={topo.dp_size * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len}  "
+               f"peak={peak.flops / 1e9:.1f} GFLOP/s ({peak.source})"
+               + (f"  resumed from {resume} (step {start_step})" if resume else "")]
 
     if start_step >= last:
+        metrics.message(startup.pop())
         metrics.message(f"nothing to train: the checkpoint is at step {start_step}, the run ends at step {last}")
     started, losses = time.perf_counter(), []
     batches_iter = iter(loader)
@@ -182,6 +183,8 @@ def _train(cfg: Config, topo) -> TrainResult:
                 with gpc.micro_batch(b):
                     with autocast(cfg, topo.device):
                         logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
+                    if startup:  # printed after the first forward, which shows the attention backend really used
+                        metrics.message(startup.pop() + f"  attention={backends_used(model) or cfg.model.attn_backend}")
                     step_loss(logits, b).backward()
             loss = step_loss.value()
             grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)

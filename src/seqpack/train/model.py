@@ -101,13 +101,23 @@ def apply_activation_checkpointing(model, checkpoint: bool | float) -> None:
             layer.gradient_checkpointing = i < keep
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The bf16/fp16 autocast dtype ``model.dtype`` asks for on CUDA; None (fp32, no autocast) on CPU."""
+    dtype = {"torch.bfloat16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.float16": torch.float16,
+             "float16": torch.float16, "torch.half": torch.float16}.get(cfg.model.dtype)
+    return dtype if device.type == "cuda" else None
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16/fp16 autocast on CUDA as ``model.dtype`` asks; fp32 (no autocast) on CPU."""
-    dtype = {"torch.bfloat16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.float16": torch.float16,
-             "torch.half": torch.float16}.get(cfg.model.dtype)
-    if device.type != "cuda" or dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    dtype = autocast_dtype(cfg, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def precision(cfg: Config, device: torch.device) -> str:
+    """For the startup line: "bfloat16 autocast (fp32 weights)" or "float32"."""
+    dtype = autocast_dtype(cfg, device)
+    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast (fp32 weights)"
 
 
 def count_params(model) -> tuple[int, int]:

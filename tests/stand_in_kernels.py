@@ -1,0 +1,90 @@
+"""Stand-ins for the CUDA varlen kernels we cannot run here, with the real parameter lists, in plain torch.
+
+Each mirrors its original's interface exactly (parameter names, defaults, keyword-only markers, window and causal
+semantics: key j is visible to query i when i - left <= j <= i + right, -1 = unbounded; GQA only where the
+original shares KV heads) and records the arguments of every call in ``CALLS``. They compute in float32 and
+return the input dtype, as FlashAttention does; unlike it they also accept float32, so the adapter's own dtype
+rule is what keeps float32 away from them.
+
+Shape legend: T packed tokens, N query heads, Nkv key/value heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CALLS: list[dict] = []
+
+
+def _attend(q, k, v, cu, scale, left, right, softcap=0.0, alibi_slopes=None):
+    """Per-document attention with a (left, right) window. q [T, N, D], k/v [T, Nkv, D], Nkv | N -> [T, N, D]."""
+    if q.shape[1] % k.shape[1]:
+        raise RuntimeError("Number of heads in key/value must divide number of heads in query")
+    rep = q.shape[1] // k.shape[1]
+    out = torch.empty_like(q)
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        qd = q[a:b].float().transpose(0, 1)  # [N, L, D]
+        kd, vd = (x[a:b].float().repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
+        s = qd @ kd.transpose(-1, -2) * scale  # [N, L, L]
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
+        if alibi_slopes is not None:  # flash-attn: -slope * |i - j|
+            s = s - alibi_slopes.float()[:, None, None] * (i - j).abs()
+        visible = torch.ones(b - a, b - a, dtype=torch.bool)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        out[a:b] = (s.masked_fill(~visible, -math.inf).softmax(-1) @ vd).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.9 / 2.10 ``torch.nn.attention.varlen.varlen_attn``: is_causal, default scale, no window, no GQA."""
+    CALLS.append(dict(fn="2.10", q=query, k=key, v=value, is_causal=is_causal))
+    if key.shape[1] != query.shape[1]:
+        raise RuntimeError("varlen_attn 2.10 stand-in: query and key/value must have the same number of heads")
+    return _attend(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, -1, 0 if is_causal else -1)
+
+
+def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1)):
+    """torch 2.11: keyword-only scale and window_size (is_causal = window_size == (-1, 0)), no enable_gqa."""
+    CALLS.append(dict(fn="2.11", q=query, k=key, v=value, scale=scale, window_size=window_size))
+    if key.shape[1] != query.shape[1]:
+        raise RuntimeError("varlen_attn 2.11 stand-in: query and key/value must have the same number of heads")
+    left, right = window_size
+    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right)
+
+
+def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                     window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    """torch 2.12+: adds enable_gqa (required when Hq != Hkv), seqused_k, block_table, num_splits."""
+    CALLS.append(dict(fn="2.12", q=query, k=key, v=value, scale=scale, window_size=window_size,
+                      enable_gqa=enable_gqa))
+    if not enable_gqa and query.shape[1] != key.shape[1]:
+        raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
+                         f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA.")
+    left, right = window_size
+    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None):
+    """flash-attn 2.6's ``flash_attn_varlen_func``: GQA shared natively; causal + window_size, softcap, ALiBi."""
+    CALLS.append(dict(fn="flash", q=q, k=k, v=v, softmax_scale=softmax_scale, causal=causal,
+                      window_size=window_size, softcap=softcap, dropout_p=dropout_p, alibi_slopes=alibi_slopes))
+    if dropout_p:
+        raise NotImplementedError("flash stand-in: dropout is random; tests call it with dropout_p=0")
+    left, right = window_size
+    if causal:
+        right = 0
+    return _attend(q, k, v, cu_seqlens_q, softmax_scale or q.shape[-1] ** -0.5, left, right, softcap, alibi_slopes)
+
+
+SIGNATURES = {"2.10": varlen_attn_2_10, "2.11": varlen_attn_2_11, "2.12": varlen_attn_2_12,
+              "flash": flash_attn_varlen_func}
