@@ -40,6 +40,16 @@ def model_pair(model_type: str, seed: int = 0, **overrides):
     return ref, model
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``@pytest.mark.cuda`` run only where CUDA is available."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
