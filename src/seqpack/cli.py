@@ -15,7 +15,7 @@ COMMANDS = {
     "generate": ("seqpack.train.generate", "sample text from a run folder or a Hugging Face model folder"),
     "demo": ("seqpack.demo", "packed training demo on a tiny model and the embedded corpus"),
     "tokenize": ("seqpack.data.tokenize_cli", "tokenize JSONL / parquet / datasets folders into ftdp format"),
-    "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp)"),
+    "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp), data, train"),
     "convert": ("seqpack.convert.cli", "convert checkpoints between InternEvo and Hugging Face formats"),
 }
 
