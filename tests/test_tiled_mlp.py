@@ -16,14 +16,19 @@ def close(a, b, rel=1e-6):
     return float((a - b).detach().norm()) <= rel * float(b.detach().norm()) + 1e-12
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "phi3"])
-def test_tiled_model_equals_plain_model(family):
+@pytest.mark.parametrize("family, checkpointing", [("llama", False), ("gemma2", False), ("phi3", False),
+                                                   ("llama", True)])
+def test_tiled_model_equals_plain_model(family, checkpointing):
     cfg = tiny_config(family)
     torch.manual_seed(0)
     plain = AutoModelForCausalLM.from_config(cfg, attn_implementation="seqpack").float()
     tiled_model = AutoModelForCausalLM.from_config(cfg, attn_implementation="seqpack").float()
     tiled_model.load_state_dict(plain.state_dict())
     assert apply_tiled_mlp(tiled_model, tile=6) == cfg.num_hidden_layers
+    if checkpointing:  # the layer is recomputed in backward, and the tiles again inside it
+        from seqpack.train.model import apply_activation_checkpointing
+
+        apply_activation_checkpointing(tiled_model, True)
     batch = seqpack.pack([list(range(3, 20)), list(range(5, 30))], pad_to=45)  # T=45: 8 tiles, last one short
     results = []
     for model in (plain, tiled_model):
