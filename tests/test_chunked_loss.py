@@ -123,3 +123,26 @@ def test_unknown_head_falls_back_with_one_line_notice():
     assert len(notices) == 1 and "'gpt2'" in notices[0] and "full-logits" in notices[0]
     with pytest.raises(ValueError, match="does not know how 'gpt2'"):
         seqpack.chunked_causal_lm_loss(model, torch.zeros(1, 3, 32), torch.zeros(1, 3, dtype=torch.long))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", ["llama", "gemma2"])
+def test_chunked_loss_under_bf16_autocast_on_cuda(case):
+    """On a GPU under bf16 autocast (how seqpack train runs there): the chunked loss sees the same bf16 logits as the
+    model's own head, so loss and gradients agree to bf16 matmul round-off."""
+    model = build(case).cuda()
+    batch = batch_with_padding_and_masks().to("cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(**batch.model_inputs()).logits
+    ref_loss = seqpack.causal_lm_loss(logits, batch)
+    ref_loss.backward()
+    ref = grads(model)
+    model.zero_grad()
+    hook = enable_chunked_loss(model, chunk_size=16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        total = model(**batch.model_inputs(), chunked_loss_labels=batch.shift_labels).loss
+    (total / batch.num_valid_targets).backward()
+    assert abs(total.item() / batch.num_valid_targets - ref_loss.item()) <= 1e-3 * ref_loss.item()
+    for name, g in grads(model).items():
+        assert close(g, ref[name], rel=2e-2), name
+    hook.remove()
