@@ -8,6 +8,7 @@
 
 from .attention import dispatch, register
 from .batch import IGNORE_INDEX, PackedBatch, pack
+from .chunked_loss import chunked_causal_lm_loss, enable_chunked_loss
 from .data import build_packed_loader
 from .loss import causal_lm_loss
 from .models import load_model, register_models
@@ -18,4 +19,4 @@ register_models()  # InternLM / InternLM2 / Baichuan2 official folders load with
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",
-           "dispatch", "init_topology", "load_model", "pack", "register", "register_models", "shard_batch"]
+           "chunked_causal_lm_loss", "dispatch", "enable_chunked_loss", "init_topology", "load_model", "pack", "register", "register_models", "shard_batch"]

@@ -16,7 +16,7 @@ COMMANDS = {
     "demo": ("seqpack.demo", "packed training demo on a tiny model and the embedded corpus"),
     "tokenize": ("seqpack.data.tokenize_cli", "tokenize JSONL / parquet / datasets folders into ftdp format"),
     "data": ("seqpack.data.check", "data check FOLDER: validate an ftdp folder and print its statistics"),
-    "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp)"),
+    "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp), data, train"),
     "convert": ("seqpack.convert.cli", "convert checkpoints between InternEvo and Hugging Face formats"),
 }
 

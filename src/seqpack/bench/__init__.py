@@ -3,13 +3,15 @@
 - ``packing``: seqpack varlen vs transformers' packed SDPA path (dense block mask) vs padded batches.
 - ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
+- ``train``: `seqpack train` step vs the bare step; peak memory with the chunked loss / tiled MLP on and off.
 """
 
 from __future__ import annotations
 
 import importlib
 
-BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data"}
+BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
+           "train": "seqpack.bench.train"}
 
 
 def add_arguments(parser):

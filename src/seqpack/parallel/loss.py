@@ -67,7 +67,11 @@ class StepLoss:
 
     def __call__(self, logits: torch.Tensor, batch) -> torch.Tensor:
         """logits [1, T/S, V] of ``batch`` -> scalar loss contribution."""
-        total = token_loss_sum(logits, batch.shift_labels)
+        return self.sum_loss(token_loss_sum(logits, batch.shift_labels))
+
+    def sum_loss(self, total: torch.Tensor) -> torch.Tensor:
+        """A micro-batch's summed cross-entropy over its valid targets (e.g. the chunked loss's ``out.loss``) ->
+        its scalar loss contribution ``total / C``. Accumulated on the device: no host sync until :meth:`value`."""
         part = total.detach().double()
         self._sum = part if self._sum is None else self._sum + part
         return total / max(self.num_valid, 1)

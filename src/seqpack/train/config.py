@@ -97,6 +97,14 @@ class ModelConfig:
     """Compute dtype on CUDA (bf16 autocast over fp32 master weights). CPU always computes in float32."""
     attn_backend: str = "auto"
     """seqpack attention backend: "auto", "flash_attn", "torch_varlen", "sdpa"."""
+    tiled_mlp: typing.Union[bool, int] = False
+    """Tiled MLP (DeepSpeed ALST): each decoder layer's MLP runs over sequence tiles and recomputes one tile at a
+    time in backward, so its activation memory stops growing with T (costs one more MLP forward). False = off,
+    True = tiles of hidden_size tokens, N = tiles of N tokens."""
+    fused_kernels: typing.Union[bool, str] = "auto"
+    """Liger kernels on CUDA (RMSNorm, SwiGLU/GeGLU, RoPE, fused linear cross-entropy; ``pip install
+    seqpack[cuda]``): "auto" = on when CUDA and liger-kernel are present and the family is supported, True =
+    required (error otherwise), False = off."""
     trust_remote_code: bool = False
     """Allow modeling code shipped inside the HF folder."""
     num_chunks: int = 1
@@ -241,6 +249,12 @@ class LossConfig:
 
     label_smoothing: float = 0.0
     """Only 0."""
+    chunked: bool = True
+    """Compute the loss from the final hidden states in chunks of chunk_size tokens, never holding the [T, vocab]
+    logits (same loss and gradients to float32 round-off). Families whose logit post-processing seqpack does not
+    know fall back to full logits with a one-line notice."""
+    chunk_size: int = 1024
+    """Tokens per chunk of the chunked loss: its extra memory is about 3 x chunk_size x vocab floats."""
 
 
 @dataclass

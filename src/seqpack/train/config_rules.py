@@ -104,6 +104,12 @@ def check_choices(cfg, source: str = "config") -> None:
         bad("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
     if isinstance(m.checkpoint, float) and not 0.0 <= m.checkpoint <= 1.0:
         bad("model.checkpoint", m.checkpoint, "a fraction of layers must be within 0..1")
+    if not isinstance(m.tiled_mlp, bool) and m.tiled_mlp < 1:
+        bad("model.tiled_mlp", m.tiled_mlp, "give True, False or a tile length in tokens >= 1")
+    if m.fused_kernels not in (True, False, "auto"):
+        bad("model.fused_kernels", m.fused_kernels, "choose 'auto', True or False")
+    if cfg.loss.chunk_size < 1:
+        bad("loss.chunk_size", cfg.loss.chunk_size, "must be a positive number of tokens (e.g. 1024)")
     if cfg.adam.adam_beta2_c != 0:
         bad("adam.adam_beta2_c", cfg.adam.adam_beta2_c, "beta2 scheduling is not implemented; set 0")
     if cfg.loss.label_smoothing != 0:

@@ -3,10 +3,11 @@ divergence stop, checkpoints and metrics.
 
 One optimizer step (every rank):
 
-    micro_num packed rows [1, T] from the loader (this dp rank's)
-      -> shard_batch (sp > 1): [1, T/S] slices, global cu_seqlens
+    micro_num packed rows [1, T] from the loader (this dp rank's), read ahead on a thread
+      -> shard_batch (sp > 1): [1, T/S] slices, global cu_seqlens; non-blocking copies to the device
       -> StepLoss: C = valid targets of the whole step over all ranks (one all-reduce)
-      -> per micro-batch: model(**inputs).logits [1, T/S, V] -> sum CE / C -> backward (FSDP2 sums gradients)
+      -> per micro-batch: model(**inputs) -> summed CE (chunked from the hidden states, or from logits
+         [1, T/S, V]) / C -> backward (FSDP2 sums gradients); the loss stays on the device until the step ends
       -> clip global grad norm -> stop if loss or norm is NaN/Inf -> AdamW -> lr schedule
 
     >>> result = train(load_config("configs/demo.py"))     # doctest: +SKIP
@@ -21,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -33,7 +35,8 @@ from ..parallel import StepLoss, init_topology, shard_batch
 from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import Config
 from .metrics import DevicePeak, MetricsLogger, peak_memory_mib, step_flops
-from .model import autocast, build_model, count_params, precision
+from .model import autocast, build_model, count_params, precision, uses_chunked_loss
+from .prefetch import LoaderAt, Prefetcher, to_device
 from .setup import build_loader, load_tokenizer
 
 
@@ -171,21 +174,29 @@ def _train(cfg: Config, topo) -> TrainResult:
         metrics.message(startup.pop())
         metrics.message(f"nothing to train: the checkpoint is at step {start_step}, the run ends at step {last}")
     started, losses = time.perf_counter(), []
-    batches_iter = iter(loader)
+    chunked = uses_chunked_loss(model)
+    ahead = None
     try:
+        if start_step < last:  # rows are read, sharded (and pinned on CUDA) on a thread while the device computes
+            ahead = Prefetcher(loader, partial(_shard_rows, topo=topo), depth=2, pin=topo.device.type == "cuda")
         for step in range(start_step + 1, last + 1):
             t0 = time.perf_counter()
-            rows = next(batches_iter)
-            micro = [(shard_batch(b, topo.sp_size, topo.sp_rank) if topo.sp_size > 1 else b).to(topo.device)
-                     for b in rows]
-            step_loss = StepLoss(micro, topo.world_group)
-            for b in micro:  # gpc: InternEvo-style hand-adapted modeling files read cu_seqlens from it
-                with gpc.micro_batch(b):
+            prepared = next(ahead)
+            rows = prepared.rows
+            step_loss = StepLoss(prepared.micro, topo.world_group)  # valid targets counted on the host copies
+            for b in (to_device(b, topo.device) for b in prepared.micro):
+                with gpc.micro_batch(b):  # InternEvo-style hand-adapted modeling files read cu_seqlens from it
                     with autocast(cfg, topo.device):
-                        logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
+                        if chunked:  # summed CE from the hidden states, no [T/S, V] logits
+                            out = model(**b.model_inputs(), use_cache=False, chunked_loss_labels=b.shift_labels)
+                            part = step_loss.sum_loss(out.loss)
+                        else:
+                            logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
                     if startup:  # printed after the first forward, which shows the attention backend really used
                         metrics.message(startup.pop() + f"  attention={backends_used(model) or cfg.model.attn_backend}")
-                    step_loss(logits, b).backward()
+                    if not chunked:
+                        part = step_loss(logits, b)
+                    part.backward()  # the step's loss stays on the device until value() below
             loss = step_loss.value()
             grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -210,11 +221,15 @@ def _train(cfg: Config, topo) -> TrainResult:
                         mfu=step_flops(model.config, n_flop_params, rows, topo.sp_size) / dt / peak.flops,
                         peak_mem_mib=peak_memory_mib(topo.device))
             if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last):
-                last_ckpt = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loader,
-                                            {"loss": loss}, keep_last=cfg.ckpt.keep_last)
+                # the loader runs ahead: save its state after *this* step's rows
+                last_ckpt = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
+                                            LoaderAt(prepared.loader_state), {"loss": loss},
+                                            keep_last=cfg.ckpt.keep_last)
                 peak.refresh()
     finally:
-        metrics.close()
+        if ahead is not None:
+            ahead.close()
+        metrics.close()  # draws loss.png: matplotlib is imported only now, off the training path
     hf_dir = None
     if cfg.ckpt.export_hf and last == total:
         hf_dir = export_hf(model, run_dir / "hf", tokenizer)
@@ -226,6 +241,11 @@ def _train(cfg: Config, topo) -> TrainResult:
                         f"run folder {run_dir}" + (f", HF export {hf_dir}" if hf_dir else ""))
     return TrainResult(run_dir, last, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
                        seconds, last_ckpt, hf_dir, model)
+
+
+def _shard_rows(rows, topo) -> list:
+    """This rank's micro-batches of one step: the rows, or their SP shards [1, T/S]."""
+    return [shard_batch(b, topo.sp_size, topo.sp_rank) for b in rows] if topo.sp_size > 1 else list(rows)
 
 
 def _write_json(path: Path, obj) -> None:

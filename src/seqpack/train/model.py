@@ -1,7 +1,9 @@
 """Build the model of a run: from a local Hugging Face folder or from a config, then parallelise it from outside.
 
-Order (torchtitan's): seqpack attention (with the SP group) -> activation checkpointing -> FSDP2 over all ranks.
-Weights stay fp32 (master weights); on CUDA the forward runs under bf16 autocast (``model.dtype``).
+Order (torchtitan's): seqpack attention (with the SP group) -> fused kernels (Liger, CUDA) -> tiled MLP -> chunked
+loss -> activation checkpointing -> FSDP2 over all ranks. The model is built directly on the run's device (no fp32
+copy on the CPU first). Weights stay fp32 (master weights); on CUDA the forward runs under bf16 autocast
+(``model.dtype``).
 
     >>> cfg = load_config(None, ["--model.hidden_size", "32", "--model.num_layers", "2"])   # doctest: +SKIP
     >>> model = build_model(cfg, vocab_size=300)                                          # doctest: +SKIP
@@ -17,7 +19,10 @@ import torch
 
 import seqpack
 
+from ..chunked_loss import enable_chunked_loss
+from ..fused import apply_fused_kernels
 from ..parallel import apply_fsdp, check_model_heads
+from ..tiled_mlp import apply_tiled_mlp
 from .config import Config
 from .config_rules import from_hf, transformers_model_type
 
@@ -48,16 +53,19 @@ def model_source(cfg: Config) -> str | None:
 
 
 def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
-    """The model of ``cfg`` in fp32 on ``topo.device`` (CPU without topology), seqpack attention, activation
-    checkpointing and FSDP2 applied. Every rank initialises identically (seed ``train.seed``)."""
+    """The model of ``cfg`` in fp32 on ``topo.device`` (CPU without topology), seqpack attention, fused kernels,
+    tiled MLP, chunked loss, activation checkpointing and FSDP2 applied. Every rank initialises identically (seed
+    ``train.seed``)."""
     from transformers import AutoModelForCausalLM
 
     path = model_source(cfg)
     torch.manual_seed(cfg.train.seed)
+    device = topo.device if topo is not None else torch.device("cpu")
     if path is not None:
         from ..models import load_model  # native InternLM/InternLM2/Baichuan2 or any transformers model, shapes checked
 
-        model = load_model(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code)
+        model = load_model(path, dtype=torch.float32, trust_remote_code=cfg.model.trust_remote_code,
+                           **({"device_map": device} if device.type != "cpu" else {}))  # weights straight to device
         arch = ("hidden_size", "num_layers", "num_attention_heads", "num_kv_attention_heads", "mlp_ratio",
                 "vocab_size", "max_position_embeddings", "rope_base", "tie_embeddings", "attention_dropout")
         given = [f"model.{k}" for k in arch if getattr(cfg.model, k) != getattr(type(cfg.model)(), k)]
@@ -68,7 +76,8 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
             warnings.warn(f"model_type={cfg.model_type!r} but {path} holds a {model.config.model_type!r} model; "
                           "the folder's architecture is used", stacklevel=2)
     else:
-        model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
+        with device:  # parameters are created and initialised on the device
+            model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
     if model.config.vocab_size < vocab_size:
         raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
                          f"{vocab_size}; set model.vocab_size >= {vocab_size} or use the model's own tokenizer")
@@ -77,13 +86,31 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
         check_model_heads(model.config, topo.sp_size)  # an impossible head layout fails before training
     # 1) attention: packed varlen, sequence parallel over topo.sp_group
     seqpack.dispatch(model, backend=cfg.model.attn_backend, sp_group=getattr(topo, "sp_group", None))
-    # 2) activation checkpointing (a fraction of the layers, from the first)
+    # 2) fused kernels (Liger on CUDA): RMSNorm, SwiGLU/GeGLU, RoPE forwards swapped on the instances
+    fused = apply_fused_kernels(model, cfg.model.fused_kernels, device)
+    say = (lambda text: print(f"seqpack train: {text}", flush=True)) if getattr(topo, "rank", 0) == 0 else \
+        (lambda text: None)
+    if fused is not None:
+        say(fused.describe())
+    # 3) tiled MLP: every decoder layer's MLP over sequence tiles
+    if cfg.model.tiled_mlp:
+        apply_tiled_mlp(model, model.config.hidden_size if cfg.model.tiled_mlp is True else int(cfg.model.tiled_mlp))
+    # 4) chunked loss (or Liger's fused linear cross-entropy) inside the forward: no [T, V] logits
+    if cfg.loss.chunked:
+        enable_chunked_loss(model, cfg.loss.chunk_size, fused=fused.linear_cross_entropy if fused else None,
+                            notice=say)
+    # 5) activation checkpointing (a fraction of the layers, from the first)
     apply_activation_checkpointing(model, cfg.model.checkpoint)
-    # 3) FSDP2 over all ranks (no-op with one process)
+    # 6) FSDP2 over all ranks (no-op with one process)
     if topo is not None:
         model.to(topo.device)
         apply_fsdp(model, topo)
     return model
+
+
+def uses_chunked_loss(model) -> bool:
+    """Whether ``model(..., chunked_loss_labels=...)`` returns the summed loss (see seqpack.enable_chunked_loss)."""
+    return getattr(model, "_seqpack_chunked_loss", None) is not None
 
 
 def apply_activation_checkpointing(model, checkpoint: bool | float) -> None:
