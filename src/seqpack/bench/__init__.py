@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data"}
+BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
+           "plan": "seqpack.plan.bench"}
 
 
 def add_arguments(parser):
