@@ -17,6 +17,7 @@ COMMANDS = {
     "tokenize": ("seqpack.data.tokenize_cli", "tokenize JSONL / parquet / datasets folders into ftdp format"),
     "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp)"),
     "convert": ("seqpack.convert.cli", "convert checkpoints between InternEvo and Hugging Face formats"),
+    "plan": ("seqpack.plan.cli", "per-GPU memory, FLOPs and the longest context that fits, before renting GPUs"),
 }
 
 
