@@ -51,6 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
                         help="MLP over sequence tiles, recomputed in backward (issue #11)")
     parser.add_argument("--mlp-tile", type=int, help="tokens per MLP tile (default: hidden size)")
+    parser.add_argument("--keep-logits", action=argparse.BooleanOptionalAction, default=True,
+                        help="the caller holds the logits through backward (seqpack train's loop does)")
     parser.add_argument("--kv-repeat", action="store_true", help="the attention kernel cannot share KV heads "
                         "(torch 2.11's varlen_attn): k and v are repeated to all heads")
     parser.add_argument("--doc-len", type=int, help="document length for attention FLOPs (default: the row)")
@@ -74,7 +76,7 @@ def options_from(args, cfg) -> PlanOptions:
                        checkpoint=pick(args.checkpoint, ckpt), precision=pick(args.precision, precision),
                        optimizer=args.optimizer, micro_num=pick(args.micro_num, micro), chunked_loss=args.chunked_loss,
                        loss_chunk=args.loss_chunk, tiled_mlp=args.tiled_mlp, mlp_tile=args.mlp_tile,
-                       kv_repeat=args.kv_repeat, doc_len=args.doc_len, slack=args.slack, reserve_gib=args.reserve_gib)
+                       keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len, slack=args.slack, reserve_gib=args.reserve_gib)
 
 
 def run(args) -> int:

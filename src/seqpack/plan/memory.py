@@ -19,7 +19,8 @@ gradient and the log-softmax gradient in fp32 at once (12V per token) — plus t
 caller keeps them (``seqpack train``'s loop does). The peak is the largest of: the loss backward, each layer's
 backward (its saved tensors, recomputed under checkpointing, plus its backward temporaries), and the end of the
 backward (all gradients). Model states under FSDP2: sharded parameters, gradients and AdamW moments (1/W each),
-plus the gathered root (embedding, head) and two gathered layers (current + prefetched) during the step.
+plus the gathered root (embedding, head) and two gathered layers (current + prefetched; at the loss only the
+last layer, which FSDP2 keeps gathered for backward) during the step.
 
     >>> from seqpack.plan import ModelShape, PlanOptions, plan_memory
     >>> tiny = ModelShape("llama", 2048, 22, 32, 4, 64, 5632, 32000)
@@ -206,8 +207,8 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
 
     base = dict(parameters=resident_params, optimizer=optimizer, fsdp_gathered=gathered)
     phases: dict[str, dict[str, int]] = {}
-    phases["loss backward"] = dict(
-        base, gradients=resident_grads, held_activations=t * (sum(held) + final + rope), layer_working=0,
+    phases["loss backward"] = dict(  # FSDP2 keeps the root and the last layer gathered; nothing prefetched yet
+        base, fsdp_gathered=gathered - (P_layer * p if sharded else 0), gradients=resident_grads, held_activations=t * (sum(held) + final + rope), layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
         autocast_casts=casts(L - n_ckpt))
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
