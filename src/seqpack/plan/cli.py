@@ -21,7 +21,7 @@ from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, pla
 from .shape import load_shape
 
 LABELS = {"parameters": "parameters (sharded)", "optimizer": "AdamW moments (sharded)",
-          "fsdp_gathered": "FSDP2 gathered root + 2 layers", "gradients": "gradients",
+          "fsdp_gathered": "FSDP2 gathered parameters", "gradients": "gradients",
           "held_activations": "activations kept for backward", "layer_working": "layer under backward (+ temps)",
           "attention_workspace": "attention workspace", "sp_all_to_all": "SP all-to-all buffers",
           "logits_loss": "logits / loss", "autocast_casts": "autocast bf16 weight copies"}

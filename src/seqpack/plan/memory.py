@@ -19,8 +19,8 @@ gradient and the log-softmax gradient in fp32 at once (12V per token) — plus t
 caller keeps them (``seqpack train``'s loop does). The peak is the largest of: the loss backward, each layer's
 backward (its saved tensors, recomputed under checkpointing, plus its backward temporaries), and the end of the
 backward (all gradients). Model states under FSDP2: sharded parameters, gradients and AdamW moments (1/W each),
-plus the gathered root (embedding, head) and two gathered layers (current + prefetched; at the loss only the
-last layer, which FSDP2 keeps gathered for backward) during the step.
+plus, in backward, the gathered root (embedding, head) and two gathered layers (current + prefetched); during the
+loss only the last layer, which FSDP2 keeps gathered after forward (measured: the root is resharded).
 
     >>> from seqpack.plan import ModelShape, PlanOptions, plan_memory
     >>> tiny = ModelShape("llama", 2048, 22, 32, 4, 64, 5632, 32000)
@@ -116,6 +116,7 @@ class Plan:
     phases: dict[str, int] = field(default_factory=dict)  # allocated at each candidate peak
     model_flops: float = 0.0  # per rank: 6 * params * tokens + causal attention (MFU convention of train)
     hardware_flops: float = 0.0  # + recomputation (checkpointing, tiled MLP, chunked loss)
+    phase_components: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # every phase's parts
 
     @property
     def step_peak(self) -> int:
@@ -207,23 +208,26 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
 
     base = dict(parameters=resident_params, optimizer=optimizer, fsdp_gathered=gathered)
     phases: dict[str, dict[str, int]] = {}
-    phases["loss backward"] = dict(  # FSDP2 keeps the root and the last layer gathered; nothing prefetched yet
-        base, fsdp_gathered=gathered - (P_layer * p if sharded else 0), gradients=resident_grads, held_activations=t * (sum(held) + final + rope), layer_working=0,
+    # FSDP2 reshards the root after forward (gathers it again for the head's backward); the last layer stays gathered
+    phases["loss backward"] = dict(
+        base, fsdp_gathered=P_layer * p if sharded else 0, gradients=resident_grads,
+        held_activations=t * (sum(held) + final + rope), layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
         autocast_casts=casts(L - n_ckpt))
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
         extra_input = s * h if k < n_ckpt and s != 4 else 0  # a bf16 input is not the norm's fp32 copy
         mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile  # grads of the SiLU*up product
-        mlp_phase = t * (A + extra_input + 2 * s * h) + mlp_temps
-        # attention backward: MLP and second norm freed; dq, dk, dv, grad of the output (+ fp32 dq accumulator)
-        attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + 2 * s * h) + \
-            t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim) + (t * 4 * q if cuda else 0)
-        a2a = 2 * t * a * q if opts.sp > 1 else 0  # send + receive buffers of one all-to-all
-        working = max(mlp_phase, attn_phase + a2a)
+        mlp_phase = t * (A + extra_input + s * h) + mlp_temps  # + the gradient flowing in
+        # attention backward: MLP and second norm freed; dq, dk, dv, grad of the output (+ flash's fp32 dq
+        # accumulator), and under SP the send + receive buffers of one all-to-all
+        attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + s * h)
+        workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim) + (t * 4 * q if cuda else 0)
+        a2a = 2 * t * a * q if opts.sp > 1 else 0
+        working, workspace, a2a = (mlp_phase, 0, 0) if mlp_phase >= attn_phase + workspace + a2a else \
+            (attn_phase, workspace, a2a)
         phases[f"layer {k} backward"] = dict(
             base, gradients=grads((L - k) * P_layer, sharded), held_activations=t * (sum(held[:k]) + rope),
-            layer_working=working - (a2a if attn_phase + a2a > mlp_phase else 0), attention_workspace=0,
-            sp_all_to_all=a2a if attn_phase + a2a > mlp_phase else 0, logits_loss=logits_kept,
+            layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, logits_loss=logits_kept,
             autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
     phases["embedding backward"] = dict(
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False)
@@ -241,7 +245,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     reserved = int(allocated * (1 + (opts.slack if cuda else 0))) + int((opts.reserve_gib if cuda else 0) * GiB)
     model, hardware = step_flops_estimate(shape, opts, n_ckpt)
     return Plan(shape, opts, t, peak_phase, phases[peak_phase], allocated, resident_params + optimizer + resident_grads,
-                reserved, totals, model, hardware)
+                reserved, totals, model, hardware, phases)
 
 
 def step_flops_estimate(shape: ModelShape, opts: PlanOptions, n_ckpt: int) -> tuple[float, float]:
