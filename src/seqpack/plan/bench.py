@@ -118,9 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqpack bench plan", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=int, nargs="+", help="run only these configuration indices (0-based)")
+    parser.add_argument("--config", nargs=9, type=float, action="append", metavar=("HIDDEN", "LAYERS", "HEADS",
+                        "KV_HEADS", "INTER", "VOCAB", "T", "CKPT", "SP"), help="run this configuration instead "
+                        "(repeatable); CKPT is the fraction of checkpointed layers")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     picked = [CONFIGS[k] for k in args.only] if args.only else CONFIGS
+    if args.config:
+        picked = [tuple(int(v) for v in c[:7]) + (float(c[7]), int(c[8])) for c in args.config]
     print(f"CPU, fp32, one process per sp rank (gloo, FSDP2 when sp > 1), OMP_NUM_THREADS=1, {os.cpu_count()} cores")
     header = "| hidden | layers | vocab | T | ckpt | sp | predicted MiB | measured MiB | error | peak phase |"
     print(header + "\n|" + "---|" * 10)
