@@ -17,7 +17,7 @@ TINYLLAMA = ModelShape("llama", 2048, 22, 32, 4, 64, 5632, 32000)
 LLAMA3_8B = ModelShape("llama", 4096, 32, 32, 8, 128, 14336, 128256)
 
 
-def _saved_activation_bytes(model, T: int) -> int:
+def _saved_activation_bytes(model, T: int, autocast: bool = False) -> int:
     """Bytes of the floating-point tensors autograd keeps for backward (parameters excluded) in one forward+loss."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -30,26 +30,31 @@ def _saved_activation_bytes(model, T: int) -> int:
 
     batch = seqpack.pack([torch.randint(3, model.config.vocab_size, (T,), generator=torch.Generator().manual_seed(0))])
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        seqpack.causal_lm_loss(model(**batch.model_inputs()).logits, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # as seqpack train on CUDA
+            logits = model(**batch.model_inputs()).logits
+        seqpack.causal_lm_loss(logits, batch)
     return sum(saved.values())
 
 
 @pytest.mark.parametrize("model_type,dtype,extra", [
     ("llama", torch.float32, {}), ("llama", torch.bfloat16, {}), ("qwen3", torch.float32, {"head_dim": 16}),
-    ("qwen3", torch.bfloat16, {"head_dim": 16}), ("qwen2", torch.float32, {})])
+    ("qwen3", torch.bfloat16, {"head_dim": 16}), ("qwen2", torch.float32, {}), ("llama", "autocast", {})])
 def test_saved_activations_match_autograd_exactly(model_type, dtype, extra):
-    """Every tensor the model keeps for backward is counted: layers, final norm, RoPE tables, log-softmax output."""
+    """Every tensor the model keeps for backward is counted: layers, final norm, RoPE tables, log-softmax output,
+    and under bf16 autocast over fp32 weights the per-linear input casts and the cast weights."""
     T = 192
     cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T, **extra)
     torch.manual_seed(0)
-    model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg).to(dtype)).train()
-    precision = "fp32" if dtype == torch.float32 else "bf16"
+    autocast = dtype == "autocast"
+    model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg).to(torch.float32 if autocast else dtype)).train()
+    precision = "bf16-autocast" if autocast else "fp32" if dtype == torch.float32 else "bf16"
     plan = plan_memory(shape_from_hf_config(cfg), PlanOptions(T, checkpoint=0.0, precision=precision, device="cpu",
                                                               optimizer="none"))
     log_softmax_out = 4 * 256 * T  # fp32, saved by cross-entropy
-    held = plan.phase_components["loss backward"]["held_activations"]
-    assert _saved_activation_bytes(model, T) - 4 == held + log_softmax_out  # 4: the loss scalar
+    parts = plan.phase_components["loss backward"]
+    assert _saved_activation_bytes(model, T, autocast) - 4 == \
+        parts["held_activations"] + parts["autocast_casts"] + log_softmax_out  # 4: the loss scalar
 
 
 @pytest.mark.parametrize("T,checkpoint,kv_repeat,measured_gib,tol", [
