@@ -110,7 +110,8 @@ def run(args) -> int:
 def describe_model(shape) -> str:
     return (f"model: {shape.model_type}  h={shape.hidden_size} L={shape.num_layers} N={shape.num_heads} "
             f"Nkv={shape.num_kv_heads} D={shape.head_dim} i={shape.intermediate_size} V={shape.vocab_size}"
-            f"{' tied' if shape.tie_embeddings else ''}  {shape.params / 1e9:.2f}B parameters")
+            f"{' tied' if shape.tie_embeddings else ''}  " +
+            (f"{shape.params / 1e9:.2f}B" if shape.params >= 1e9 else f"{shape.params / 1e6:.2f}M") + " parameters")
 
 
 def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, with_sp: bool = True) -> str:
@@ -128,14 +129,15 @@ def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, 
 
 def breakdown_table(plan, gpu_bytes: int) -> str:
     o = plan.options
+    unit, size = ("GiB", GiB) if plan.allocated >= GiB else ("MiB", 2**20)
     lines = [f"\nper-rank memory at the peak ({plan.peak_phase}), {plan.local_tokens} tokens per rank:",
-             "| part | GiB |", "|---|---:|"]
-    lines += [f"| {LABELS[k]} | {v / GiB:.2f} |" for k, v in plan.components.items() if v]
+             f"| part | {unit} |", "|---|---:|"]
+    lines += [f"| {LABELS[k]} | {v / size:.2f} |" for k, v in plan.components.items() if v]
     slack = int(plan.allocated * o.slack) if o.device == "cuda" else 0
-    lines += [f"| **allocated peak** | **{plan.allocated / GiB:.2f}** |",
-              f"| allocator slack ({o.slack:.0%}) | {slack / GiB:.2f} |",
-              f"| CUDA context + NCCL | {(plan.reserved - plan.allocated - slack) / GiB:.2f} |",
-              f"| **needed per GPU** | **{plan.reserved / GiB:.2f}** of {gpu_bytes / GiB:.2f} |"]
+    lines += [f"| **allocated peak** | **{plan.allocated / size:.2f}** |",
+              f"| allocator slack ({o.slack:.0%}) | {slack / size:.2f} |",
+              f"| CUDA context + NCCL | {(plan.reserved - plan.allocated - slack) / size:.2f} |",
+              f"| **needed per GPU** | **{plan.reserved / size:.2f}** of {gpu_bytes / size:.2f} |"]
     verdict = "fits" if plan.reserved <= gpu_bytes else "does NOT fit"
     lines.append(f"\n{verdict}; step FLOPs per rank: {plan.model_flops / 1e12:.1f} TFLOP model, "
                  f"{plan.hardware_flops / 1e12:.1f} TFLOP with recomputation")

@@ -12,6 +12,7 @@ size, V vocabulary.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,9 +121,16 @@ def load_shape(source: str | Path, vocab_size: int | None = None) -> tuple[Model
     from ..train.config_rules import from_hf
     from ..train.model import hf_config, model_source
 
-    cfg = load_config(source)
+    with warnings.catch_warnings():  # InternEvo keys without effect: `seqpack train` reports them, not the plan
+        warnings.simplefilter("ignore")
+        cfg = load_config(source)
     if from_hf(cfg):
-        return shape_from_config_json(model_source(cfg)), cfg
+        folder = model_source(cfg)
+        if not (Path(folder) / "config.json").is_file():
+            raise ValueError(f"{source}: ckpt.load_ckpt_info.path={folder!r} has no config.json here; the plan "
+                             "reads the architecture from that local folder (copy its config.json there, or pass "
+                             "the folder or a config.json directly)")
+        return shape_from_config_json(folder), cfg
     vocab = cfg.model.vocab_size or vocab_size
     if vocab is None:
         if cfg.data.tokenizer_path is not None:
