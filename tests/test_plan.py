@@ -183,3 +183,20 @@ def test_bench_plan_smoke(tmp_path, capsys):
     assert "predicted MiB" in capsys.readouterr().out
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and abs(rows[0]["error"]) <= 0.15, rows
+
+
+def test_options_move_the_parts_they_should():
+    base = PlanOptions(131072, gpus=8, sp=8)
+    plan = plan_memory(LLAMA3_8B, base)
+    W, P = 8, LLAMA3_8B.params
+    assert plan.resident == P * 4 // W + 8 * P // W  # fp32 master shard + AdamW moments
+    assert plan_memory(LLAMA3_8B, replace(base, micro_num=2)).resident == plan.resident + P * 4 // W
+    none = plan_memory(LLAMA3_8B, replace(base, optimizer="none"))
+    assert none.components["optimizer"] == 0 and "optimizer step" not in none.phases
+    chunked = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True))
+    assert chunked.phase_components["loss backward"]["logits_loss"] < plan.components["logits_loss"] / 5
+    assert layer_saved_bytes(LLAMA3_8B, replace(base, tiled_mlp=True))["mlp"] == 0
+    assert plan_memory(LLAMA3_8B, replace(base, tiled_mlp=True, chunked_loss=True)).allocated < chunked.allocated
+    offload = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True, offload_checkpoints=True))
+    assert offload.phase_components["loss backward"]["held_activations"] < \
+        chunked.phase_components["loss backward"]["held_activations"] / 10

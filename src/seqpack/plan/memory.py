@@ -191,11 +191,13 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     resident_grads = P * p // (W if sharded else 1) if opts.micro_num > 1 else 0
     linear_per_layer = P_layer - 2 * h - (2 * shape.head_dim if shape.qk_norm else 0)
 
-    def grads(done_params: int, current_layer: bool) -> int:
-        """Gradient bytes once the head, final norm and ``done_params`` more have their gradients."""
+    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head) -> int:
+        """Gradient bytes once the head, final norm and ``done_params`` more have their gradients; under FSDP2 the
+        root's unsharded gradients wait for its reduce-scatter at the end of backward, a layer's for its own."""
         if not sharded:
             return max(resident_grads, (P_head + h + done_params) * p)
-        return resident_grads + (P_head + h + done_params) * p // W + P_head * p + (P_layer * p if current_layer else 0)
+        return resident_grads + (P_head + h + done_params) * p // W + root_unsharded * p + \
+            (P_layer * p if current_layer else 0)
 
     def casts(layers_held: int) -> int:  # autocast's bf16 weight copies kept by linears awaiting backward
         return 2 * (linear_per_layer * layers_held + V * h) if prec.autocast else 0
@@ -230,8 +232,8 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
             layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, logits_loss=logits_kept,
             autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
     phases["embedding backward"] = dict(
-        base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False)
-        + (shape.root_params * p if sharded else 0), held_activations=t * s * h, layer_working=0,
+        base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
+                              shape.root_params), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
     if opts.optimizer == "adamw" and not opts.offload_optimizer:  # foreach AdamW temporaries (CUDA: one fp32 copy)
         phases["optimizer step"] = dict(
