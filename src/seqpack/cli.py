@@ -18,6 +18,7 @@ COMMANDS = {
     "data": ("seqpack.data.check", "data check FOLDER: validate an ftdp folder and print its statistics"),
     "bench": ("seqpack.bench", "benchmarks: packing (vs sdpa packed and padded), sp (memory and time per sp), data, train"),
     "convert": ("seqpack.convert.cli", "convert checkpoints between InternEvo and Hugging Face formats"),
+    "plan": ("seqpack.plan.cli", "per-GPU memory, FLOPs and the longest context that fits, before renting GPUs"),
 }
 
 

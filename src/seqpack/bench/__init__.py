@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
-           "train": "seqpack.bench.train"}
+           "train": "seqpack.bench.train", "plan": "seqpack.plan.bench"}
 
 
 def add_arguments(parser):

@@ -1,0 +1,318 @@
+"""Per-rank peak memory and FLOPs of one seqpack training step, counted from what the step allocates.
+
+Shape legend: T tokens of the packed row, S SP degree, W ranks (FSDP2 shards over all of them), t = ceil(T/S)
+tokens per rank, h hidden, L layers, N/Nkv query/kv heads, D head dim, q = N*D, kv = Nkv*D, i MLP size, V vocab.
+Byte sizes: p parameter/gradient, s residual stream, a linear outputs and attention tensors (``Precision``).
+
+What a Llama-shaped decoder layer keeps for backward, per local token (checked tensor by tensor with
+``torch.autograd.graph.saved_tensors_hooks``; see ``seqpack bench plan``):
+
+- each RMSNorm: its input in fp32 (the stream itself, or an fp32 copy of a bf16 stream) 4h, the normalised
+  tensor s*h, its output a*h (under autocast one bf16 copy per consuming linear: 3 for q/k/v, 2 for gate/up),
+  and 1/rms (4 bytes);
+- attention: the kernel's q, k, v a*(q + 2kv) and output a*q (the output is also o_proj's input when S = 1),
+  its log-sum-exp 4N; under SP the heads->seq all-to-all output is o_proj's input, another a*q;
+- MLP: gate output, SiLU output, up output, their product: 4*a*i (tiled MLP: nothing but its input).
+
+Checkpointed layers keep only their input (s*h). The loss on full logits holds the log-softmax output, the NLL
+gradient and the log-softmax gradient in fp32 at once (12V per token) — plus the logits themselves when the
+caller keeps them (``seqpack train``'s loop does). The peak is the largest of: the loss backward, each layer's
+backward (its saved tensors, recomputed under checkpointing, plus its backward temporaries), and the end of the
+backward (all gradients). Model states under FSDP2: sharded parameters, gradients and AdamW moments (1/W each),
+plus, in backward, the gathered root (embedding, head) and two gathered layers (current + prefetched); during the
+loss only the last layer, which FSDP2 keeps gathered after forward (measured: the root is resharded).
+
+    >>> from seqpack.plan import ModelShape, PlanOptions, plan_memory
+    >>> tiny = ModelShape("llama", 2048, 22, 32, 4, 64, 5632, 32000)
+    >>> round(plan_memory(tiny, PlanOptions(16384, precision="bf16", optimizer="none", keep_logits=False)).allocated / 2**30, 1)
+    9.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
+
+from .shape import ModelShape
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Byte sizes of one training precision."""
+
+    name: str
+    param: int  # parameter and gradient
+    stream: int  # residual stream, RMSNorm input/normalised tensor
+    act: int  # linear outputs, attention kernel tensors, logits
+    autocast: bool  # linear inputs are cast (one copy per linear) and weights cast once per forward
+
+
+PRECISIONS = {
+    "fp32": Precision("fp32", 4, 4, 4, False),  # CPU, or a float32 run
+    "bf16": Precision("bf16", 2, 2, 2, False),  # bf16 parameters (model.to(torch.bfloat16))
+    "bf16-autocast": Precision("bf16-autocast", 4, 4, 2, True),  # fp32 master weights + bf16 autocast (train)
+}
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """One training step's settings. Defaults: what ``seqpack train`` does on GPUs."""
+
+    seq_len: int  # T: tokens of one packed row (micro-batch)
+    gpus: int = 1  # W: ranks; FSDP2 shards parameters, gradients and optimizer state over all of them
+    sp: int = 1  # S: sequence-parallel degree
+    checkpoint: float = 1.0  # fraction of decoder layers with activation checkpointing (0..1)
+    precision: str = "bf16-autocast"
+    optimizer: str = "adamw"  # "adamw" (two fp32 moments) or "none"
+    device: str = "cuda"  # "cuda" or "cpu" (no allocator slack, no context reserve, no flash workspace)
+    micro_num: int = 1  # micro-batches per step; > 1 keeps gradients resident across micro-batches
+    keep_logits: bool = True  # the caller holds the logits through backward (seqpack train does)
+    chunked_loss: bool = False  # loss over sequence chunks of loss_chunk tokens, never all [t, V] logits
+    loss_chunk: int = 4096
+    tiled_mlp: bool = False  # MLP over tiles of mlp_tile tokens, recomputed in backward
+    mlp_tile: int | None = None  # None: hidden_size tokens (DeepSpeed ALST's choice)
+    kv_repeat: bool = False  # the attention kernel cannot share KV heads (torch 2.11 varlen_attn): k, v get N heads
+    doc_len: int | None = None  # document length for attention FLOPs; None: one document fills the row
+    slack: float = 0.10  # allocator fragmentation, as a fraction of the allocated peak
+    reserve_gib: float = 1.0  # CUDA context + NCCL buffers, outside the allocator
+    offload_checkpoints: bool = False  # what-if (not in seqpack): checkpointed layer inputs live in CPU memory
+    offload_optimizer: bool = False  # what-if (not in seqpack): AdamW moments and master weights on the CPU
+
+    def __post_init__(self):
+        if not isinstance(self.seq_len, int) or self.seq_len < 1:
+            raise ValueError(f"seq_len must be a positive int, got {self.seq_len!r}")
+        if self.gpus < 1 or self.sp < 1:
+            raise ValueError(f"gpus and sp must be >= 1, got gpus={self.gpus}, sp={self.sp}")
+        if self.gpus % self.sp:
+            ok = [d for d in range(1, self.gpus + 1) if self.gpus % d == 0]
+            raise ValueError(f"sp={self.sp} does not divide the {self.gpus} GPUs (dp = gpus / sp); use sp in {ok}")
+        if not 0.0 <= self.checkpoint <= 1.0:
+            raise ValueError(f"checkpoint must be a fraction of layers within 0..1, got {self.checkpoint}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.optimizer not in ("adamw", "none"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; choose adamw or none")
+        if self.device not in ("cuda", "cpu"):
+            raise ValueError(f"unknown device {self.device!r}; choose cuda or cpu")
+        if self.micro_num < 1 or self.loss_chunk < 1 or (self.mlp_tile is not None and self.mlp_tile < 1):
+            raise ValueError("micro_num, loss_chunk and mlp_tile must be >= 1")
+
+
+@dataclass
+class Plan:
+    """Predicted per-rank memory (bytes) and FLOPs of one step. ``components`` add up to ``allocated``."""
+
+    shape: ModelShape
+    options: PlanOptions
+    local_tokens: int  # t
+    peak_phase: str  # where the peak happens
+    components: dict[str, int]  # at the peak
+    allocated: int  # peak of live tensors (torch.cuda.max_memory_allocated)
+    resident: int  # live before the step: parameters, optimizer state (and gradients when accumulating)
+    reserved: int  # allocated * (1 + slack) + reserve: what the GPU must hold
+    phases: dict[str, int] = field(default_factory=dict)  # allocated at each candidate peak
+    model_flops: float = 0.0  # per rank: 6 * params * tokens + causal attention (MFU convention of train)
+    hardware_flops: float = 0.0  # + recomputation (checkpointing, tiled MLP, chunked loss)
+    phase_components: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # every phase's parts
+
+    @property
+    def step_peak(self) -> int:
+        """Peak growth during the step over what was live before it (what ``seqpack bench plan`` measures)."""
+        return self.allocated - self.resident
+
+    def to_dict(self) -> dict:
+        return dict(shape=asdict(self.shape), options=asdict(self.options), local_tokens=self.local_tokens,
+                    peak_phase=self.peak_phase, components=self.components, allocated=self.allocated,
+                    resident=self.resident, reserved=self.reserved, step_peak=self.step_peak, phases=self.phases,
+                    model_flops=self.model_flops, hardware_flops=self.hardware_flops)
+
+
+def check_sp(shape: ModelShape, sp: int) -> None:
+    """SP degrees the planner counts: sp divides the query heads (seqpack also runs other degrees with dummy
+    heads, at ceil(N/S)*S/N the attention cost; plan those as the next divisor)."""
+    if shape.num_heads % sp:
+        ok = [d for d in range(1, shape.num_heads + 1) if shape.num_heads % d == 0]
+        raise ValueError(f"sp={sp} does not divide the model's {shape.num_heads} attention heads; the planner "
+                         f"counts exact head splits: use sp in {ok}")
+
+
+def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
+    """Bytes one decoder layer keeps for backward, per local token, by part (norms, attention, mlp)."""
+    from ..parallel.heads import plan_heads
+
+    prec = PRECISIONS[opts.precision]
+    a, s, h, D = prec.act, prec.stream, shape.hidden_size, shape.head_dim
+    q = shape.num_heads * D
+    nkv = shape.num_heads if opts.kv_repeat else shape.num_kv_heads * plan_heads(
+        shape.num_heads, shape.num_kv_heads, opts.sp).kv_repeat
+    kv = nkv * D
+
+    def norm(width: int, consumers: int) -> int:  # fp32 input, normalised, output (cast copies), 1/rms
+        return 4 * width + s * width + (consumers if prec.autocast else 1) * a * width + 4
+
+    attn = a * (q + 2 * kv) + a * q + 4 * shape.num_heads + (a * q if opts.sp > 1 else 0)
+    if shape.qk_norm:  # per-head norms of the projections (their outputs go into RoPE, which keeps only cos/sin)
+        width = q + shape.num_kv_heads * D
+        attn += 4 * width + a * width + 4 * (shape.num_heads + shape.num_kv_heads)
+    return dict(norms=norm(h, 3) + norm(h, 1 if opts.tiled_mlp else 2), attention=attn,
+                mlp=0 if opts.tiled_mlp else 4 * a * shape.intermediate_size)
+
+
+def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
+    """Predict the per-rank peak memory of one training step (forward + loss + backward, and the optimizer)."""
+    check_sp(shape, opts.sp)
+    prec = PRECISIONS[opts.precision]
+    p, s, a = prec.param, prec.stream, prec.act
+    h, L, V, i = shape.hidden_size, shape.num_layers, shape.vocab_size, shape.intermediate_size
+    q = shape.num_heads * shape.head_dim
+    t = -(-opts.seq_len // opts.sp)  # shard_batch pads the row to a multiple of S
+    W = opts.gpus
+    sharded = W > 1  # seqpack applies FSDP2 whenever there is more than one rank
+    cuda = opts.device == "cuda"
+
+    parts = layer_saved_bytes(shape, opts)
+    A = sum(parts.values())  # one layer's saved tensors per token
+    n_ckpt = round(opts.checkpoint * L)
+    ckpt_input = 0 if opts.offload_checkpoints else s * h
+    held = [ckpt_input if j < n_ckpt else A for j in range(L)]  # per token, layer j
+    final = 4 * h + s * h + a * h + 4  # final norm
+    rope = 2 * shape.head_dim * s  # cos, sin shared by every layer
+    tile = min(opts.mlp_tile or h, t)
+
+    # model states
+    P, P_layer = shape.params, shape.layer_params
+    P_head = V * h  # the head's gradient (or the tied embedding's) appears first in backward
+    resident_params = P * p // (W if sharded else 1)
+    optimizer = 8 * P // (W if sharded else 1) if opts.optimizer == "adamw" and not opts.offload_optimizer else 0
+    gathered = (shape.root_params + 2 * P_layer) * p if sharded else 0
+    resident_grads = P * p // (W if sharded else 1) if opts.micro_num > 1 else 0
+    linear_per_layer = P_layer - 2 * h - (2 * shape.head_dim if shape.qk_norm else 0)
+
+    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head) -> int:
+        """Gradient bytes once the head, final norm and ``done_params`` more have their gradients; under FSDP2 the
+        root's unsharded gradients wait for its reduce-scatter at the end of backward, a layer's for its own."""
+        if not sharded:
+            return max(resident_grads, (P_head + h + done_params) * p)
+        return resident_grads + (P_head + h + done_params) * p // W + root_unsharded * p + \
+            (P_layer * p if current_layer else 0)
+
+    def casts(layers_held: int) -> int:  # autocast's bf16 weight copies kept by linears awaiting backward
+        return 2 * (linear_per_layer * layers_held + V * h) if prec.autocast else 0
+
+    if opts.chunked_loss:
+        c = min(opts.loss_chunk, t)
+        loss_bytes, logits_kept = c * (a + 16) * V, 0
+    else:
+        loss_bytes, logits_kept = t * 12 * V, (t * a * V if opts.keep_logits else 0)
+
+    base = dict(parameters=resident_params, optimizer=optimizer, fsdp_gathered=gathered)
+    phases: dict[str, dict[str, int]] = {}
+    # FSDP2 reshards the root after forward (gathers it again for the head's backward); the last layer stays gathered
+    phases["loss backward"] = dict(
+        base, fsdp_gathered=P_layer * p if sharded else 0, gradients=resident_grads,
+        held_activations=t * (sum(held) + final + rope), layer_working=0,
+        attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
+        autocast_casts=casts(L - n_ckpt))
+    for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
+        extra_input = s * h if k < n_ckpt and s != 4 else 0  # a bf16 input is not the norm's fp32 copy
+        mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile  # grads of the SiLU*up product
+        mlp_phase = t * (A + extra_input + s * h) + mlp_temps  # + the gradient flowing in
+        # attention backward: MLP and second norm freed; dq, dk, dv, grad of the output (+ flash's fp32 dq
+        # accumulator), and under SP the send + receive buffers of one all-to-all
+        attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + s * h)
+        workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim) + (t * 4 * q if cuda else 0)
+        a2a = 2 * t * a * q if opts.sp > 1 else 0
+        working, workspace, a2a = (mlp_phase, 0, 0) if mlp_phase >= attn_phase + workspace + a2a else \
+            (attn_phase, workspace, a2a)
+        phases[f"layer {k} backward"] = dict(
+            base, gradients=grads((L - k) * P_layer, sharded), held_activations=t * (sum(held[:k]) + rope),
+            layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, logits_loss=logits_kept,
+            autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
+    phases["embedding backward"] = dict(
+        base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
+                              shape.root_params), held_activations=t * s * h, layer_working=0,
+        attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
+    if opts.optimizer == "adamw" and not opts.offload_optimizer:  # foreach AdamW temporaries (CUDA: one fp32 copy)
+        phases["optimizer step"] = dict(
+            parameters=resident_params, optimizer=optimizer, fsdp_gathered=0, gradients=P * p // (W if sharded else 1),
+            held_activations=0, layer_working=4 * (P // (W if sharded else 1) if cuda else V * h),
+            attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
+
+    totals = {name: sum(c.values()) for name, c in phases.items()}
+    peak_phase = max(totals, key=totals.get)
+    allocated = totals[peak_phase]
+    reserved = int(allocated * (1 + (opts.slack if cuda else 0))) + int((opts.reserve_gib if cuda else 0) * GiB)
+    model, hardware = step_flops_estimate(shape, opts, n_ckpt)
+    return Plan(shape, opts, t, peak_phase, phases[peak_phase], allocated, resident_params + optimizer + resident_grads,
+                reserved, totals, model, hardware, phases)
+
+
+def step_flops_estimate(shape: ModelShape, opts: PlanOptions, n_ckpt: int) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs) per rank for one packed row — ``seqpack.train.metrics.step_flops``'s count
+    (6 * non-embedding params * T + causal attention) on documents of ``doc_len``; hardware adds recomputation."""
+    import torch
+
+    from ..train.metrics import step_flops
+
+    T, d = opts.seq_len, min(opts.doc_len or opts.seq_len, opts.seq_len)
+    cu = list(range(0, T, d)) + [T]
+    config = SimpleNamespace(num_hidden_layers=shape.num_layers, head_dim=shape.head_dim,
+                             hidden_size=shape.hidden_size, num_attention_heads=shape.num_heads)
+    flop_params = shape.params - (0 if shape.tie_embeddings else shape.embedding_params)
+    row = SimpleNamespace(cu_seqlens=torch.tensor(cu), num_tokens=T)
+    model = step_flops(config, flop_params, [row], opts.sp)
+    # a recomputed forward costs a third of forward + backward
+    attn_fwd = (model * opts.sp - 6.0 * flop_params * T) / 3 / shape.num_layers
+    layer_fwd = 2.0 * shape.layer_params * T + attn_fwd
+    extra = n_ckpt * layer_fwd
+    if opts.tiled_mlp:
+        extra += shape.num_layers * 2.0 * 3 * shape.hidden_size * shape.intermediate_size * T
+    if opts.chunked_loss:
+        extra += 2.0 * shape.vocab_size * shape.hidden_size * T
+    return model, model + extra / opts.sp
+
+
+def longest_fit(shape: ModelShape, opts: PlanOptions, gpu_bytes: int, multiple: int = 1024) -> Plan | None:
+    """The plan with the longest ``seq_len`` (a multiple of ``multiple * sp``) whose reserved memory fits
+    ``gpu_bytes`` per rank, or None when not even one multiple fits. Memory grows with T, so this bisects."""
+    step = multiple * opts.sp
+
+    def fits(n: int) -> Plan | None:
+        plan = plan_memory(shape, replace(opts, seq_len=n * step))
+        return plan if plan.reserved <= gpu_bytes else None
+
+    best = fits(1)
+    if best is None:
+        return None
+    lo, hi = 1, 2
+    while fits(hi) is not None:
+        lo, hi = hi, hi * 2
+        if hi * step > 1 << 34:
+            raise ValueError("no memory limit reached below 16G tokens; check --gpu-mem")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) is not None else (lo, mid)
+    return fits(lo)
+
+
+def sp_candidates(shape: ModelShape, gpus: int) -> list[int]:
+    """SP degrees that divide both the GPU count and the query heads."""
+    return [d for d in range(1, gpus + 1) if gpus % d == 0 and shape.num_heads % d == 0]
+
+
+def parse_memory(text: str) -> int:
+    """'80GiB', '80GB', '81920MiB', '80G' (= GiB) -> bytes. Raises ValueError naming the text otherwise."""
+    units = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
+    raw = str(text).strip().lower().replace(" ", "")
+    num = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = math.nan
+    if unit not in units or not value > 0:
+        raise ValueError(f"--gpu-mem {text!r}: give a positive number with a unit, e.g. 80GiB, 80GB, 81920MiB")
+    return int(value * units[unit])
