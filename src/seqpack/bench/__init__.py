@@ -3,13 +3,15 @@
 - ``packing``: seqpack varlen vs transformers' packed SDPA path (dense block mask) vs padded batches.
 - ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
+- ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
 """
 
 from __future__ import annotations
 
 import importlib
 
-BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data"}
+BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
+           "trainer": "seqpack.bench.trainer"}
 
 
 def add_arguments(parser):

@@ -107,6 +107,9 @@ class SequenceParallelMixin:
 
     def _get_dataloader(self, *args, **kwargs):
         loader = super()._get_dataloader(*args, **kwargs)
+        if self.topology.world_size > 1 and type(loader).__name__ == "DataLoaderDispatcher":
+            raise ValueError(f"{type(self).__name__}: accelerator_config.dispatch_batches=True splits rank 0's batches "
+                             "over all ranks, but SP ranks need whole rows; leave dispatch_batches unset")
         shard = getattr(loader, "batch_sampler", None)  # accelerate's BatchSamplerShard: the sampler already shards
         if shard is not None and hasattr(shard, "num_processes"):
             shard.num_processes, shard.process_index = 1, 0
