@@ -225,6 +225,8 @@ def _sp_trainer_case(out, dp: int, sp: int):
                                       eval_dataset=_examples(8, seed=8), data_collator=DataCollatorForPacking(),
                                       sp_size=sp)
     assert (trainer.topology.dp_size, trainer.topology.sp_size) == (dp, sp)
+    row = DataCollatorForPacking()(_examples(24, seed=7)[:2])
+    assert trainer.shard_inputs(row)["input_ids"].shape[1] == -(-row["input_ids"].shape[1] // sp)  # [1, T/S]
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(out / "saved"))

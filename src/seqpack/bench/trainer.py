@@ -126,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     per_batch = len(examples) // (args.steps + 2) // 2
     batch = min(args.batch, per_batch) if args.batch else per_batch
     rows = [measure(m, 1, examples, batch, args.steps) for m in ("seqpack", "padded")]
-    print(f"\nTrainer, {batch} examples per step (~{args.tokens} real tokens)")
+    timed = examples[batch:batch * (args.steps + 1)]
+    print(f"\nTrainer, {batch} examples per step, {sum(len(e['input_ids']) for e in timed) / args.steps:.0f} real "
+          "tokens per step on average")
     print(f"{'method':>8} {'step s':>8} {'tokens/s':>9} {'peak growth MiB':>16} {'speed-up':>9} {'memory':>7}")
     for r in rows:
         print(f"{r['method']:>8} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['peak_growth_mib']:>16.1f} "
@@ -138,7 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         # one packed row of ~long_T tokens per step: group examples greedily into steps of equal count
         per_step = max(1, len(long_examples) // (args.steps + 1))
         sp_rows = [measure("sp", sp, long_examples, per_step, args.steps) for sp in args.sp]
-        print(f"\nSequenceParallelTrainer, packed row ~{args.long_T} tokens ({per_step} examples per step)")
+        timed = long_examples[per_step:per_step * (args.steps + 1)]
+        mean_T = sum(len(e["input_ids"]) for e in timed) / args.steps
+        print(f"\nSequenceParallelTrainer, {per_step} examples per step: packed rows of {mean_T:.0f} tokens on average")
         print(f"{'sp':>3} {'step s':>8} {'tokens/s':>9} {'peak growth MiB / rank':>23} {'x sp=' + str(args.sp[0]):>8}")
         for r in sp_rows:
             print(f"{r['world']:>3} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['peak_growth_mib']:>23.1f} "
