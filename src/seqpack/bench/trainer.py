@@ -131,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
           "tokens per step on average")
     print(f"{'method':>8} {'step s':>8} {'tokens/s':>9} {'peak growth MiB':>16} {'speed-up':>9} {'memory':>7}")
     for r in rows:
+        speed, memory = rows[0]["tokens_per_s"] / r["tokens_per_s"], r["peak_growth_mib"] / rows[0]["peak_growth_mib"]
         print(f"{r['method']:>8} {r['step_s']:>8.2f} {r['tokens_per_s']:>9.0f} {r['peak_growth_mib']:>16.1f} "
-              f"{rows[0]['tokens_per_s'] / r['tokens_per_s']:>8.2f}x {r['peak_growth_mib'] / rows[0]['peak_growth_mib']:>6.2f}x")
+              f"{speed:>8.2f}x {memory:>6.2f}x")
 
     sp_rows = []
     if args.sp:

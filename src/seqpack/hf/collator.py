@@ -109,8 +109,8 @@ def packed_from_documents(input_ids: torch.Tensor, labels: torch.Tensor, lengths
     shift[:-1] = labels[1:]
     shift[torch.tensor(cu[1:]) - 1] = IGNORE_INDEX  # a document's last token has no target
     return PackedBatch(input_ids=input_ids[None], shift_labels=shift[None],
-                       position_ids=positions_from_cu_seqlens(cu)[None],
-                       cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max(b - a for a, b in zip(cu, cu[1:])))
+                       position_ids=positions_from_cu_seqlens(cu)[None], cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+                       max_seqlen=max(b - a for a, b in zip(cu, cu[1:])))
 
 
 def packed_batch_from_inputs(inputs: Mapping[str, Any]) -> PackedBatch:

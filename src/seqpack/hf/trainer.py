@@ -53,7 +53,8 @@ class SequenceParallelMixin:
         check_attention_is_used(self.model)
         dispatch(self.model, backend=attn_backend, sp_group=self.topology.sp_group)
         if self.topology.world_size > 1:
-            # every rank reports its loss: no per-dataset de-duplication of the (uneven-free) eval batches
+            # plain all-gather of eval losses: gather_for_metrics trims the last batch by accelerate's own
+            # per-process batch accounting, which the dp sampler replaces
             self.gather_function = self.accelerator.gather
 
     def _check_supported(self) -> None:
