@@ -49,13 +49,22 @@ class SequenceParallelMixin:
     def __init__(self, *args, sp_size: int = 1, attn_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)  # TrainingArguments has created the process group by now (torchrun)
         self.topology = init_topology(sp=sp_size)  # ValueError when sp does not divide the world size
+        self.attn_backend = attn_backend
         self._check_supported()
-        check_attention_is_used(self.model)
-        dispatch(self.model, backend=attn_backend, sp_group=self.topology.sp_group)
+        self._dispatch(self.model)
         if self.topology.world_size > 1:
             # plain all-gather of eval losses: gather_for_metrics trims the last batch by accelerate's own
             # per-process batch accounting, which the dp sampler replaces
             self.gather_function = self.accelerator.gather
+
+    def _dispatch(self, model):
+        check_attention_is_used(model)
+        return dispatch(model, backend=self.attn_backend, sp_group=self.topology.sp_group)
+
+    def call_model_init(self, trial=None):
+        """``model_init`` models (re-created by ``train()``) get the same attention and SP group."""
+        model = super().call_model_init(trial)
+        return self._dispatch(model) if hasattr(self, "topology") else model  # in __init__: dispatched after it
 
     def _check_supported(self) -> None:
         args, sp, world = self.args, self.topology.sp_size, self.topology.world_size
