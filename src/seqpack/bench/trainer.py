@@ -111,7 +111,7 @@ def measure(method: str, world: int, examples: list, batch: int, steps: int) -> 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqpack bench trainer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192, help="tokens of examples per packing-vs-padded step")
+    parser.add_argument("--tokens", type=int, default=8192, help="real tokens per step at most (with --batch examples per step)")
     parser.add_argument("--max-len", type=int, default=2048, help="longest example (tokens)")
     parser.add_argument("--batch", type=int, default=8, help="examples per step (per_device_train_batch_size)")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps after one warm-up step")

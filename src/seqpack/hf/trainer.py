@@ -22,9 +22,10 @@ Shape legend: T tokens of a packed row, S SP degree, W = dp × S processes.
 
 With S = 1 the same class is a packing Trainer: any batch becomes one exact packed row.
 
-Not supported with S > 1 (refused with a message): DeepSpeed, the Trainer's FSDP (use :func:`seqpack.apply_fsdp`
-with seqpack's own loop), ``label_smoothing_factor``, ``compute_loss_func``, ``average_tokens_across_devices=False``
-with several processes, length-grouped samplers, iterable datasets.
+Refused with a message: with S > 1, DeepSpeed and the Trainer's FSDP (use :func:`seqpack.apply_fsdp` with seqpack's
+own loop); always, ``label_smoothing_factor`` and ``compute_loss_func`` (they would re-shift the shifted labels); with
+several processes, ``average_tokens_across_devices=False``, length-grouped samplers, iterable datasets and
+``dispatch_batches``.
 """
 
 from __future__ import annotations
