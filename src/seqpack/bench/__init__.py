@@ -4,6 +4,7 @@
 - ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
 - ``train``: `seqpack train` step vs the bare step; peak memory with the chunked loss / tiled MLP on and off.
+- ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
-           "train": "seqpack.bench.train", "plan": "seqpack.plan.bench"}
+           "train": "seqpack.bench.train", "plan": "seqpack.plan.bench", "trainer": "seqpack.bench.trainer"}
 
 
 def add_arguments(parser):
