@@ -90,6 +90,14 @@ def test_from_pretrained_with_plain_seqpack_string(tmp_path):
     cu = row.cu_seqlens.tolist()
     for i, ref_logits in enumerate(ref_outs):
         assert (out[:, cu[i]:cu[i + 1]] - ref_logits).abs().max().item() <= ATOL
+    # generate() (KV cache, dense masks) gives the unmodified model's tokens
+    text = processor.tokenizer.apply_chat_template(items[0]["messages"][:1], tokenize=False,
+                                                   add_generation_prompt=True)
+    prompt = processor(images=items[0]["images"], text=[text], return_tensors="pt")  # transformers' own expansion
+    assert prompt["input_ids"][0].tolist() == row.input_ids[0, :prompt["input_ids"].shape[1]].tolist()
+    kwargs = dict(input_ids=prompt["input_ids"], pixel_values=prompt["pixel_values"], max_new_tokens=4,
+                  do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**kwargs), ref.generate(**kwargs))
     # seqpack.load_model gives the language model seqpack and the vision tower SDPA
     loaded = seqpack.load_model(tmp_path)
     assert type(loaded) is LlavaForConditionalGeneration

@@ -178,8 +178,8 @@ def build_multimodal_loader(cfg, processor, topo) -> MultimodalLoader:
     if d.train_folder is None:
         raise ValueError("a vision-language model needs data.train_folder: a .jsonl of {\"image\": path, "
                          "\"messages\": [...]} records (or a folder of them)")
-    if cfg.packing in ("cut", "into_one") and d.packing is not None:
-        warnings.warn(f"data.packing={d.packing!r} ignored: multimodal rows never cut a sample (its image "
+    if cfg.packing in ("cut", "into_one") and (d.packing is not None or d.pack_sample_into_one):
+        warnings.warn(f"packing {cfg.packing!r} ignored: multimodal rows never cut a sample (its image "
                       "features belong to it); samples are packed whole", stacklevel=2)
     return MultimodalLoader(d.train_folder.removeprefix("local:"), processor, row_len=d.seq_len * d.micro_bsz,
                             micro_num=d.micro_num, one_per_row=cfg.packing == "padded", seed=d.seed,
