@@ -50,7 +50,8 @@ def test_train_llava_folder_and_export(tmp_path):
     cfg = load_config(None, [
         "--model_type", "HF", "--ckpt.load_ckpt_info.path", str(model_dir), "--data.train_folder", str(data),
         "--data.seq_len", "128", "--data.micro_num", "2", "--lr_scheduler.total_steps", "8",
-        "--lr_scheduler.warmup_ratio", "0", "--model.checkpoint", "True", "--adam.lr", "1e-2", "--train.tensorboard", "False",
+        "--lr_scheduler.warmup_ratio", "0", "--model.checkpoint", "True", "--adam.lr", "1e-2",
+        "--train.tensorboard", "False",
         "--ckpt.checkpoint_every", "100", "--train.run_dir", str(tmp_path / "run")])
     result = train(cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -108,7 +109,8 @@ def test_bad_records_name_file_and_line(tmp_path):
     good = {"image": "a.png", "messages": [{"role": "user", "content": "<image>\nq"},
                                            {"role": "assistant", "content": "a"}]}
     for line, message in [("{not json", "line 2: not valid JSON"),
-                          (json.dumps({"image": "missing.png", "messages": []}), "line 2: image 'missing.png' not found"),
+                          (json.dumps({"image": "missing.png", "messages": []}),
+                           "line 2: image 'missing.png' not found"),
                           (json.dumps({"image": "a.png"}), "line 2: a record needs 'messages'")]:
         bad.write_text(json.dumps(good) + "\n" + line + "\n")
         with pytest.raises(ValueError, match=message):

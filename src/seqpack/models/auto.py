@@ -36,7 +36,8 @@ def register_models() -> None:
 
 def load_model(path: str | os.PathLike, attn_implementation: str = "seqpack", **kwargs):
     """Load a causal LM from a local checkpoint folder (native family or any transformers model; a vision-language
-    model such as LLaVA through ``AutoModelForImageTextToText``) with seqpack attention by default, checking that every weight in the folder has the shape its config implies.
+    model such as LLaVA through ``AutoModelForImageTextToText``, seqpack on its language model only) with seqpack
+    attention by default, checking that every weight in the folder has the shape its config implies.
 
         >>> model = seqpack.models.load_model("ckpt/internlm2-7b", dtype=torch.bfloat16)  # doctest: +SKIP
 
