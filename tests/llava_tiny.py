@@ -1,7 +1,9 @@
 """Tiny LLaVA-1.5 pieces for the multimodal tests, all built locally: a byte-level BPE tokenizer with a ChatML
 template and an ``<image>`` token, a CLIP image processor (32 px crop), a LlavaProcessor, a LLaVA config (CLIP
-vision: image 32, patch 8, hidden 32; Llama text: hidden 32, 2 layers) and PIL images of random pixels."""
+vision: image 32, patch 8, hidden 32; Llama text: hidden 32, 2 layers), PIL images of random pixels, and for
+``seqpack train`` a saved model folder and a JSONL of colour questions about generated PNGs."""
 
+import json
 from functools import lru_cache
 
 import numpy as np
@@ -76,3 +78,46 @@ def model_pair(seed: int = 0):
     model = LlavaForConditionalGeneration(tiny_llava_config()).float()
     model.load_state_dict(ref.state_dict())
     return ref, model
+
+
+COLOURS = ["red", "green", "blue", "white"]
+
+
+def write_dataset(folder, n=8):
+    """n samples: a solid-colour image (with a little noise) and the question what colour it is."""
+    import numpy as np
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True)
+    rgb = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "white": (240, 240, 240)}
+    lines = []
+    for i in range(n):
+        colour = COLOURS[i % len(COLOURS)]
+        pixels = np.clip(np.array(rgb[colour]) + np.random.RandomState(i).randint(-15, 15, (36, 40, 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / "images" / f"{i}.png")
+        record = {"image": f"images/{i}.png",
+                  "messages": [{"role": "user", "content": "<image>\nWhat colour is the square?"},
+                               {"role": "assistant", "content": f"The square is {colour}."}]}
+        if i % 3 == 2:  # a second turn without image, and one sample with two images
+            record = {"images": [f"images/{i}.png", f"images/{i - 1}.png"],
+                      "messages": [{"role": "user", "content": "<image>\n<image>\nWhich colours?"},
+                                   {"role": "assistant", "content": f"{colour} and {COLOURS[(i - 1) % 4]}."}]}
+        lines.append(json.dumps(record))
+    (folder / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "chats.jsonl"
+
+
+def write_model_folder(folder, seed: int = 0):
+    """A tiny LLaVA folder as a user has one: weights, config and processor, saved with save_pretrained."""
+    _, model = model_pair(seed)
+    model.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return folder
+
+
+def train_args(model_dir, data, run_dir, steps: int) -> list[str]:
+    """``seqpack train`` overrides for the tiny LLaVA folder and JSONL."""
+    return ["--model_type", "HF", "--ckpt.load_ckpt_info.path", str(model_dir), "--data.train_folder", str(data),
+            "--data.seq_len", "128", "--data.micro_num", "2", "--lr_scheduler.total_steps", str(steps),
+            "--lr_scheduler.warmup_ratio", "0", "--adam.lr", "1e-2", "--train.tensorboard", "False",
+            "--ckpt.checkpoint_every", "100", "--train.run_dir", str(run_dir)]

@@ -1,7 +1,10 @@
 """Sequence parallel LLaVA (sp=2, gloo, one spawn) == one process on the same packed rows: the image features are
 merged into the whole row on every rank, then the language model runs on this rank's slice with Ulysses attention.
-Loss, logits and every gradient (vision tower, projector, language model) match, without and with FSDP2."""
+Loss, logits and every gradient (vision tower, projector, language model) match, without and with FSDP2; and
+``seqpack train --parallel.tensor.size 2`` on a LLaVA folder logs the losses of a one-process run and exports the
+same weights."""
 
+import json
 import os
 import socket
 
@@ -13,8 +16,9 @@ import seqpack
 from seqpack.loss import token_loss_sum
 from seqpack.multimodal.batch import pack_multimodal
 from seqpack.parallel import StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence, init_topology, shard_batch
+from seqpack.train import load_config, train
 
-from llava_tiny import model_pair, samples, tiny_processor
+from llava_tiny import model_pair, samples, tiny_processor, train_args, write_dataset, write_model_folder
 
 RTOL = 1e-4
 
@@ -66,7 +70,7 @@ def _case(topo, fsdp: bool, seed: int):
     assert {"vision_tower", "multi_modal_projector", "language_model"} <= parts
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, port, args):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
@@ -89,6 +93,7 @@ def _worker(rank, world, port):
         else:
             raise AssertionError("a pre-split multimodal row was accepted")
         dist.barrier()
+        train(load_config(None, args + ["--parallel.tensor.size", "2"]))  # adopts this process group
     finally:
         topo.destroy()
 
@@ -99,5 +104,21 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_llava_sp2_equals_one_process():
-    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_llava_sp2_equals_one_process(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    model_dir, data = write_model_folder(tmp_path / "model"), write_dataset(tmp_path / "data")
+    mp.spawn(_worker, args=(2, _free_port(), train_args(model_dir, data, tmp_path / "sp2", steps=3)), nprocs=2,
+             join=True)
+    train(load_config(None, train_args(model_dir, data, tmp_path / "one", steps=3)))
+    sp2, one = _losses(tmp_path / "sp2"), _losses(tmp_path / "one")
+    assert len(sp2) == len(one) == 3
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(sp2, one)), (sp2, one)
+    sharded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "sp2" / "hf").state_dict()
+    single = LlavaForConditionalGeneration.from_pretrained(tmp_path / "one" / "hf").state_dict()
+    for key in single:
+        assert torch.allclose(sharded[key], single[key], atol=2e-5, rtol=0), key

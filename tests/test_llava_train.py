@@ -10,50 +10,16 @@ import torch
 from seqpack.multimodal.data import MultimodalLoader, read_records
 from seqpack.train import load_config, train
 
-from llava_tiny import model_pair, random_image, tiny_processor
-
-COLOURS = ["red", "green", "blue", "white"]
-
-
-def _dataset(folder, n=8):
-    """n samples: a solid-colour image (with a little noise) and the question what colour it is."""
-    import numpy as np
-    from PIL import Image
-
-    (folder / "images").mkdir(parents=True)
-    rgb = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (20, 30, 220), "white": (240, 240, 240)}
-    lines = []
-    for i in range(n):
-        colour = COLOURS[i % len(COLOURS)]
-        pixels = np.clip(np.array(rgb[colour]) + np.random.RandomState(i).randint(-15, 15, (36, 40, 3)), 0, 255)
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / "images" / f"{i}.png")
-        record = {"image": f"images/{i}.png",
-                  "messages": [{"role": "user", "content": "<image>\nWhat colour is the square?"},
-                               {"role": "assistant", "content": f"The square is {colour}."}]}
-        if i % 3 == 2:  # a second turn without image, and one sample with two images
-            record = {"images": [f"images/{i}.png", f"images/{i - 1}.png"],
-                      "messages": [{"role": "user", "content": "<image>\n<image>\nWhich colours?"},
-                                   {"role": "assistant", "content": f"{colour} and {COLOURS[(i - 1) % 4]}."}]}
-        lines.append(json.dumps(record))
-    (folder / "chats.jsonl").write_text("\n".join(lines) + "\n")
-    return folder / "chats.jsonl"
+from llava_tiny import random_image, tiny_processor, train_args, write_dataset, write_model_folder
 
 
 def test_train_llava_folder_and_export(tmp_path):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    model_dir = tmp_path / "tiny-llava"
-    _, model = model_pair(seed=0)
-    model.save_pretrained(model_dir)
-    tiny_processor().save_pretrained(model_dir)
-    data = _dataset(tmp_path / "data")
-    cfg = load_config(None, [
-        "--model_type", "HF", "--ckpt.load_ckpt_info.path", str(model_dir), "--data.train_folder", str(data),
-        "--data.seq_len", "128", "--data.micro_num", "2", "--lr_scheduler.total_steps", "8",
-        "--lr_scheduler.warmup_ratio", "0", "--model.checkpoint", "True", "--adam.lr", "1e-2",
-        "--train.tensorboard", "False",
-        "--ckpt.checkpoint_every", "100", "--train.run_dir", str(tmp_path / "run")])
-    result = train(cfg)
+    model_dir = write_model_folder(tmp_path / "tiny-llava")
+    data = write_dataset(tmp_path / "data")
+    result = train(load_config(None, train_args(model_dir, data, tmp_path / "run", steps=8)
+                               + ["--model.checkpoint", "True"]))
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 8 and all(map(lambda x: x == x, losses))
     assert sum(losses[-2:]) / 2 < 0.8 * sum(losses[:2]) / 2, losses  # loss falls
@@ -70,7 +36,7 @@ def test_train_llava_folder_and_export(tmp_path):
 
 
 def test_loader_rows_dp_and_resume(tmp_path):
-    data = _dataset(tmp_path, n=12)
+    data = write_dataset(tmp_path, n=12)
     processor = tiny_processor()
     full = MultimodalLoader(data, processor, row_len=160, micro_num=1)
     lengths = [full._length(i) for i in range(12)]
