@@ -40,6 +40,8 @@ def test_packed_row_equals_samples_alone():
 
     items = samples()
     row = pack_multimodal(items, processor, pad_to=200)  # + a pad segment
+    moved = row.map_tensors(torch.clone)
+    assert moved.pixel_values is not row.pixel_values and torch.equal(moved.input_ids, row.input_ids)
     assert row.images_per_sample == (1, 2, 0, 0) and row.pixel_values.shape == (3, 3, 32, 32)
     out = model(**row.model_inputs()).logits
     loss = seqpack.causal_lm_loss(out, row.shift_labels)

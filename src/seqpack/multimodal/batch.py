@@ -13,11 +13,12 @@ message's content) is expanded to as many placeholder tokens as the image has fe
     ...                                      {"role": "assistant", "content": "A red square."}]},
     ...     {"images": [img_b], "messages": [...]}], processor)                 # doctest: +SKIP
     >>> out = model(**row.model_inputs())                                      # doctest: +SKIP
-    >>> loss = seqpack.causal_lm_loss(out.logits, row)                         # doctest: +SKIP
+    >>> loss = seqpack.causal_lm_loss(out.logits, row.shift_labels)            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -86,9 +87,16 @@ class MultimodalBatch:
             inputs.update(labels=self.shift_labels, shift_labels=self.shift_labels)
         return inputs
 
+    def map_tensors(self, fn) -> "MultimodalBatch":
+        """A copy with ``fn`` applied to every tensor (ids, labels, positions, cu_seqlens, pixel values), e.g.
+        ``lambda t: t.to(device, non_blocking=True)`` or ``torch.Tensor.pin_memory``; no re-validation."""
+        text = copy.copy(self.text)
+        for name in ("input_ids", "shift_labels", "position_ids", "cu_seqlens"):
+            setattr(text, name, fn(getattr(self.text, name)))
+        return replace(self, text=text, pixel_values=fn(self.pixel_values) if self.pixel_values is not None else None)
+
     def to(self, device) -> "MultimodalBatch":
-        pixels = self.pixel_values.to(device) if self.pixel_values is not None else None
-        return replace(self, text=self.text.to(device), pixel_values=pixels)
+        return self.map_tensors(lambda t: t.to(device))
 
     def shard(self, sp_size: int, sp_rank: int, pad_token_id: int = 0) -> "MultimodalBatch":
         """This rank's view for sequence parallel: the row padded to a multiple of ``sp_size`` (one dummy segment
