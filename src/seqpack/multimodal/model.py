@@ -159,14 +159,14 @@ class _SequenceSplit:
                              "keyword (as LlavaModel does); call the whole model with the whole packed row")
         T = embeds.shape[1]
         cu = kwargs.get("cu_seq_lens_q")
-        if embeds.shape[0] != 1 or cu is None or int(cu[-1]) != T or T % self.sp_size:
+        if embeds.shape[0] != 1 or cu is None or kwargs.get("position_ids") is None or int(cu[-1]) != T \
+                or T % self.sp_size:
             raise ValueError(
                 f"sequence parallel LLaVA gets the WHOLE packed row on every rank of the SP group (its image "
                 f"features are merged before the split): inputs_embeds {tuple(embeds.shape)} must be [1, T] with T "
-                f"= cu_seq_lens_q[-1] and a multiple of sp={self.sp_size}; pass "
+                f"= cu_seq_lens_q[-1] and a multiple of sp={self.sp_size}, with position_ids; pass "
                 "MultimodalBatch.shard(sp_size, sp_rank).model_inputs()")
         size = T // self.sp_size
         kwargs["inputs_embeds"] = embeds.narrow(1, self.sp_rank * size, size)  # [1, T, H] -> [1, T/S, H]
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"].narrow(-1, self.sp_rank * size, size)
+        kwargs["position_ids"] = kwargs["position_ids"].narrow(-1, self.sp_rank * size, size)  # [1, T/S]
         return args, kwargs
