@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
+from ..multimodal.model import attn_implementation_for, bidirectional_attention, is_multimodal, prepare_multimodal
 from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
 from .backends import compute_dtype, resolve_backend
@@ -53,8 +54,9 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
         dropout=dropout,
         alibi_slopes=alibi_slopes,
     )
-    if kwargs.get("is_causal") is False:
-        raise ValueError("attn_implementation='seqpack' is causal-only; is_causal=False (bidirectional) was requested")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        return bidirectional_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)  # a vision encoder: SDPA; anything else: ValueError
     if attention_mask is not None:  # dense mask built by our mask function: cache or padded batch
         if opts.sp_group is not None:
             raise ValueError("sequence parallel needs packed inputs without attention_mask or KV cache")
@@ -156,13 +158,15 @@ def register() -> None:
 
 def dispatch(model, backend: str = "auto", sp_group=None):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
+    A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
+    implementation (:mod:`seqpack.multimodal.model`).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(attn_implementation_for(model.config, NAME))
     else:
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
     if group_size(sp_group) > 1:  # fail before training when the heads cannot be split over sp_group
@@ -170,4 +174,6 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     opts = AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None)
     for m in model.modules():
         m.seqpack_options = opts
+    if is_multimodal(model):  # encoders never see packed metadata; with SP the split follows the image merge
+        prepare_multimodal(model, opts.sp_group)
     return model

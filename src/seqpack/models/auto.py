@@ -12,6 +12,8 @@ import json
 import os
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
 from .baichuan import BaichuanConfig, BaichuanForCausalLM, BaichuanModel
 from .internlm import InternLMConfig, InternLMForCausalLM, InternLMModel
@@ -33,7 +35,8 @@ def register_models() -> None:
 
 
 def load_model(path: str | os.PathLike, attn_implementation: str = "seqpack", **kwargs):
-    """Load a causal LM from a local checkpoint folder (native family or any transformers model) with seqpack
+    """Load a causal LM from a local checkpoint folder (native family or any transformers model; a vision-language
+    model such as LLaVA through ``AutoModelForImageTextToText``, seqpack on its language model only) with seqpack
     attention by default, checking that every weight in the folder has the shape its config implies.
 
         >>> model = seqpack.models.load_model("ckpt/internlm2-7b", dtype=torch.bfloat16)  # doctest: +SKIP
@@ -51,10 +54,18 @@ def load_model(path: str | os.PathLike, attn_implementation: str = "seqpack", **
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"{config_file} is not readable JSON: {err}") from err
     register_models()
+    auto = AutoModelForCausalLM
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        from transformers import AutoModelForImageTextToText
+
+        from ..multimodal.model import attn_implementation_for
+
+        auto = AutoModelForImageTextToText  # LLaVA: seqpack for the language model, the vision tower stays SDPA
+        config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))
+        attn_implementation = attn_implementation_for(config, attn_implementation)
     # transformers re-initialises mismatched tensors (or raises a RuntimeError naming none): collect them instead
-    model, info = AutoModelForCausalLM.from_pretrained(path, attn_implementation=attn_implementation,
-                                                       output_loading_info=True, ignore_mismatched_sizes=True,
-                                                       **kwargs)
+    model, info = auto.from_pretrained(path, attn_implementation=attn_implementation, output_loading_info=True,
+                                       ignore_mismatched_sizes=True, **kwargs)
     mismatched = sorted(info.get("mismatched_keys") or [])  # (name, checkpoint shape, model shape)
     if mismatched:
         lines = "; ".join(f"{k}: checkpoint {tuple(a)} vs config {tuple(b)}" for k, a, b in mismatched)

@@ -89,7 +89,10 @@ def pad_to_multiple(batch: PackedBatch, multiple: int, pad_token_id: int = 0) ->
 
 def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: int = 0) -> ShardedBatch:
     """Pad ``batch`` to a multiple of ``sp_size`` and return slice ``sp_rank`` (every rank of the SP group calls
-    this with the same row). Raises ValueError for a degree/rank out of range or a row shorter than S."""
+    this with the same row). Raises ValueError for a degree/rank out of range or a row shorter than S.
+    A :class:`~seqpack.multimodal.MultimodalBatch` shards itself (its images are merged before the split)."""
+    if not isinstance(batch, PackedBatch) and hasattr(batch, "shard"):
+        return batch.shard(sp_size, sp_rank, pad_token_id)  # a multimodal row: split after its image merge
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"shard_batch needs a seqpack PackedBatch (seqpack.pack(...)), got {type(batch).__name__}")
     if sp_size < 1 or not 0 <= sp_rank < sp_size:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import folder_swap, fsync
+from ..multimodal.model import attn_implementations
 
 PREFIX = "step_"
 MARKER = "COMPLETE"
@@ -202,7 +203,7 @@ def export_hf(model, out_dir: Path, tokenizer=None) -> Path | None:
     out_dir = Path(out_dir)
     if _rank() == 0:
         with folder_swap(out_dir) as tmp:
-            previous = model.config._attn_implementation
+            previous = attn_implementations(model.config)  # per sub-config (LLaVA: text seqpack, vision sdpa)
             model.config._attn_implementation = "sdpa"
             try:
                 with quiet_transformers():

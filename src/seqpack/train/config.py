@@ -43,7 +43,8 @@ class DataConfig:
     min_length_dict: typing.Optional[dict] = None
     """Per-file override of min_length: {substring of the file path: min_length}."""
     train_folder: typing.Optional[str] = None
-    """ftdp folder (``*.bin`` + ``*.bin.meta``, per-type subfolders); None = the embedded stdlib-source corpus."""
+    """ftdp folder (``*.bin`` + ``*.bin.meta``, per-type subfolders); None = the embedded stdlib-source corpus.
+    For a vision-language model folder (LLaVA): a JSONL of {"image": path, "messages": [...]} or a folder of them."""
     dataset_weights: typing.Optional[dict] = None
     """Sampling proportion per type folder / file pattern (data mixing)."""
     data_order_file: typing.Optional[str] = None

@@ -145,8 +145,8 @@ def _train(cfg: Config, topo) -> TrainResult:
         remove_partial(ckpt_dir)
 
     tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, len(tokenizer), topo)
-    loader = build_loader(cfg, tokenizer, topo, vocab_size=model.config.vocab_size)
+    model = build_model(cfg, len(getattr(tokenizer, "tokenizer", tokenizer)), topo)  # a processor holds one
+    loader = build_loader(cfg, tokenizer, topo, vocab_size=model.config.get_text_config().vocab_size)
     n_params, n_flop_params = count_params(model)
     optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps

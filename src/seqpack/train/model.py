@@ -78,8 +78,9 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
     else:
         with device:  # parameters are created and initialised on the device
             model = AutoModelForCausalLM.from_config(hf_config(cfg, vocab_size), dtype=torch.float32)
-    if model.config.vocab_size < vocab_size:
-        raise ValueError(f"the model's vocab_size={model.config.vocab_size} is smaller than the tokenizer's "
+    model_vocab = model.config.get_text_config().vocab_size  # LLaVA: its language model's
+    if model_vocab < vocab_size:
+        raise ValueError(f"the model's vocab_size={model_vocab} is smaller than the tokenizer's "
                          f"{vocab_size}; set model.vocab_size >= {vocab_size} or use the model's own tokenizer")
     model.train()
     if topo is not None and topo.sp_size > 1:

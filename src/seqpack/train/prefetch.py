@@ -45,7 +45,10 @@ class LoaderAt:
 
 def map_batch(batch, fn):
     """A copy of a PackedBatch / ShardedBatch with ``fn`` applied to its tensors (no re-validation: the batch was
-    checked when it was made, and a check on the device would make the host wait)."""
+    checked when it was made, and a check on the device would make the host wait). Batches with tensors of their own
+    (LLaVA's ``MultimodalBatch``: pixel values) map them with their ``map_tensors``."""
+    if hasattr(batch, "map_tensors"):
+        return batch.map_tensors(fn)
     out = copy.copy(batch)
     for name in _TENSORS:
         setattr(out, name, fn(getattr(batch, name)))
