@@ -150,6 +150,10 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from ..ssm import adapt_ssm, is_ssm
+
+    if is_ssm(model):  # Mamba / Mamba-2: no attention; the mixers restart at every document instead
+        return adapt_ssm(model, sp_group=sp_group)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(NAME)
     else:
