@@ -159,9 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dist", choices=("lognormal", "stdlib"), default="lognormal", help="document lengths")
     parser.add_argument("--attention-only", action="store_true",
                         help="time one attention call (fwd+bwd) with the mask transformers builds, not the model")
+    parser.add_argument("--model", choices=("llama", "mamba", "mamba2"), default="llama",
+                        help="mamba / mamba2: a tiny SSM, packed vs padded (bench/packing_ssm.py)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args(argv)
+    if args.model != "llama":
+        from .packing_ssm import main as ssm_main
+
+        return ssm_main(args)
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.seed, args.dist,
                                     args.attention_only)))
