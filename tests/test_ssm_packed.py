@@ -232,11 +232,11 @@ def test_seqpack_train_runs_a_tiny_mamba_and_exports_it(tmp_path):
     checkpointing on; the HF export loads into transformers' own class and gives the trained model's logits."""
     from seqpack.train import load_config, train
 
-    args = ["--model_type", "mamba", "--model.hidden_size", "32", "--model.num_layers", "2", "--data.seq_len", "64",
-            "--data.micro_num", "2", "--data.max_docs", "60", "--train.tensorboard", "False",
-            "--lr_scheduler.total_steps", "8", "--ckpt.checkpoint_every", "8", "--adam.lr", "2e-2",
-            "--model.checkpoint", "True", "--train.run_dir", str(tmp_path)]
-    result = train(load_config(None, args))
+    run = ["--data.seq_len", "64", "--data.micro_num", "2", "--data.max_docs", "60", "--train.tensorboard", "False",
+           "--ckpt.checkpoint_every", "8", "--adam.lr", "2e-2"]
+    result = train(load_config(None, [*run, "--model_type", "mamba", "--model.hidden_size", "32",
+                                      "--model.num_layers", "2", "--lr_scheduler.total_steps", "8",
+                                      "--model.checkpoint", "True", "--train.run_dir", str(tmp_path)]))
     assert all(layer.gradient_checkpointing for layer in result.model.backbone.layers)
     assert result.model.seqpack_ssm.adapted
     assert result.final_loss < result.first_loss - 0.1, (result.first_loss, result.final_loss)
@@ -244,6 +244,10 @@ def test_seqpack_train_runs_a_tiny_mamba_and_exports_it(tmp_path):
     ids = torch.randint(3, 200, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids).logits, result.model.eval()(input_ids=ids).logits)
+    again = train(load_config(None, [*run, "--model_type", "HF", "--ckpt.load_ckpt_info.path", str(tmp_path / "hf"),
+                                     "--lr_scheduler.total_steps", "1", "--train.run_dir", str(tmp_path / "again")]))
+    assert type(again.model).__name__ == "MambaForCausalLM" and again.model.seqpack_ssm.adapted  # from the folder
+    assert again.first_loss < result.first_loss - 0.1  # starts from the trained weights
 
 
 def test_from_scratch_mamba2_config_takes_heads_from_the_model_section():
