@@ -145,6 +145,7 @@ def register() -> None:
 
 def dispatch(model, backend: str = "auto", sp_group=None):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
+    Mamba / Mamba-2 have no attention: their mixers are adapted instead (:func:`seqpack.ssm.adapt_ssm`).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
