@@ -109,7 +109,7 @@ def _enter(model, args, kwargs):
     return args, {**kwargs, "use_cache": False}  # no cache of a packed row (it would mix the documents' states)
 
 
-def _leave(model, args, kwargs_or_output, output=None):
+def _leave(model, args, output):
     model.seqpack_ssm.current = None
 
 
