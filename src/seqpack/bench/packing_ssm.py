@@ -6,7 +6,9 @@ vs padded.
   ``attention_mask`` on the padding — the usual way to train transformers' Mamba without packing
 
 Document lengths and the padded micro-batches are those of the Llama benchmark (``packing.py``); each (method, T)
-runs in a fresh process so its peak memory is its own.
+runs in a fresh process so its peak memory is its own. Step time is this process's CPU time (``step_s``; wall
+time in ``wall_s``): on a shared machine it does not count the time other processes hold the cores. Run with
+``OMP_NUM_THREADS=1`` so that CPU time is compute time.
 """
 
 from __future__ import annotations
@@ -62,13 +64,13 @@ def run_one(model_type: str, method: str, T: int, steps: int, seed: int, dist: s
     step = padded_step if method == "padded" else packed_step
     base = _rss_mb()
     step()  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    seconds = (time.perf_counter() - start) / steps
+    seconds = (time.process_time() - cpu_start) / steps
     slots = sum(len(g) * max(lengths[i] for i in g) for g in micro_batches)
-    return dict(method=method, T=T, docs=len(lengths), step_s=seconds, tokens_per_s=T / seconds,
-                peak_mb=_peak_rss_mb() - base, slot_waste=slots / T)
+    return dict(method=method, T=T, docs=len(lengths), step_s=seconds, wall_s=(time.perf_counter() - start) / steps,
+                tokens_per_s=T / seconds, peak_mb=_peak_rss_mb() - base, slot_waste=slots / T)
 
 
 def main(args) -> int:
@@ -82,7 +84,7 @@ def main(args) -> int:
     if not methods:
         raise ValueError(f"--model {args.model} compares {', '.join(METHODS)}; --methods {args.methods} has none")
     print(f"training step of {args.model} {MODELS[args.model]}; documents: {args.dist}; "
-          f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}")
+          f"threads: {os.environ.get('OMP_NUM_THREADS', 'default')}; step (s) = CPU time of the process")
     results = []
     for T in args.lengths:
         for method in methods:
@@ -96,8 +98,8 @@ def main(args) -> int:
                 continue
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
-            print(f"T={T:6d} {method:8s} {r['step_s']:8.3f} s/step  {r['tokens_per_s']:8.0f} tok/s  "
-                  f"peak +{r['peak_mb']:7.0f} MB", flush=True)
+            print(f"T={T:6d} {method:8s} {r['step_s']:8.3f} CPU s/step ({r['wall_s']:.3f} wall)  "
+                  f"{r['tokens_per_s']:8.0f} tok/CPU s  peak +{r['peak_mb']:7.0f} MB", flush=True)
     print(render_table(results))
     if args.json:
         with open(args.json, "w") as f:
