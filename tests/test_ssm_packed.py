@@ -260,3 +260,14 @@ def test_from_scratch_mamba2_config_takes_heads_from_the_model_section():
     with pytest.raises(ValueError, match="num_attention_heads=5 must divide 2 \\* model.hidden_size=64"):
         hf_config(load_config(None, ["--model_type", "mamba2", "--model.hidden_size", "32",
                                      "--model.num_attention_heads", "5"]), vocab_size=300)
+
+
+def test_dispatch_adapts_a_model_built_from_transformers_class_directly():
+    """Direct construction bypasses the Auto registration (no guard), but seqpack.dispatch adapts it all the same."""
+    ref, model = model_pair("mamba")
+    direct = seqpack.dispatch(MambaForCausalLM(tiny_config("mamba")))
+    direct.load_state_dict(ref.state_dict())
+    assert type(direct) is MambaForCausalLM and direct.seqpack_ssm.adapted
+    docs = docs_of([3, 8, 1])
+    torch.testing.assert_close(direct(**seqpack.pack(docs).model_inputs()).logits[0], reference(ref, docs)[0],
+                               atol=1e-5, rtol=1e-5)
