@@ -216,14 +216,22 @@ def test_mamba2_on_cuda_routes_to_the_fused_kernel_with_seq_idx(monkeypatch):
     assert CALLS == []
 
 
-def test_mamba1_has_no_seq_idx_kernel_and_keeps_document_rows(monkeypatch):
+@pytest.mark.parametrize("selective_scan_installed", [False, True])
+def test_mamba1_has_no_seq_idx_kernel_and_keeps_document_rows(monkeypatch, selective_scan_installed):
+    """Mamba-1 never gets seq_idx: with mamba_ssm's selective_scan_fn on CUDA, transformers' own mixer runs one
+    document per row (and finds the kernels itself); otherwise seqpack's linear-time torch rows run."""
+    found = kernels.SSMKernels(mamba_split_conv1d_scan_combined,
+                               selective_scan_fn=(lambda *a, **k: None) if selective_scan_installed else None)
     monkeypatch.setattr(kernels, "on_kernel_device", lambda x: True)
-    monkeypatch.setattr(kernels, "available_kernels", lambda: kernels.SSMKernels(mamba_split_conv1d_scan_combined))
+    monkeypatch.setattr(kernels, "available_kernels", lambda: found)
+    torch_rows = []
+    monkeypatch.setattr(adapter, "mamba1_rows_forward", lambda m, rows: torch_rows.append(rows.shape) or
+                        seqpack.ssm.mamba1.mamba1_rows_forward(m, rows))
     CALLS.clear()
     ref, model = model_pair("mamba")
     docs = docs_of([4, 9, 1])
     logits = model(**seqpack.pack(docs).model_inputs()).logits[0]
-    assert CALLS == []
+    assert CALLS == [] and bool(torch_rows) != selective_scan_installed
     torch.testing.assert_close(logits, reference(ref, docs)[0], atol=1e-5, rtol=1e-5)
 
 

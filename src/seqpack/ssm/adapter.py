@@ -8,7 +8,8 @@ document boundaries. seqpack therefore never lets such a row run unadapted.
 1. a forward pre-hook on the model reads the packed metadata (``Segments``) of the call and keeps it, for the
    length of the call, in a ``PackedContext`` shared with the model's mixers (post-hook clears it);
 2. every mixer's ``forward`` is replaced, on the instance, by :func:`packed_mixer_forward`: documents as padded
-   rows through the mixer's own unmodified computation, or on CUDA for Mamba-2 the fused kernel with ``seq_idx``;
+   rows through the mixer's own unmodified computation (Mamba-1 without CUDA kernels: the same computation in
+   ``mamba1.py``, with a backward linear in the length), or on CUDA for Mamba-2 the fused kernel with ``seq_idx``;
    without packed metadata it calls the original forward (generation, padded batches: unchanged);
 3. activation checkpointing: each block's checkpoint function is wrapped so the recomputation in backward sees the
    documents of *its* forward, whenever checkpointing was enabled and however micro-batches interleave.
@@ -32,7 +33,8 @@ import torch
 
 from ..parallel.comm import group_size
 from .config import SP_REFUSAL, is_ssm
-from .kernels import fused_mamba2_kernel, mamba2_packed_fused
+from .kernels import fused_mamba2_kernel, mamba1_uses_kernels, mamba2_packed_fused
+from .mamba1 import mamba1_rows_forward
 from .segments import Segments, segments_from_inputs
 
 
@@ -147,10 +149,14 @@ def packed_mixer_forward(self, hidden_states, cache=None, attention_mask=None, *
     if tuple(hidden_states.shape[:2]) != (1, segs.num_tokens):
         raise ValueError(f"mixer input of shape {tuple(hidden_states.shape)} does not match the packed row of "
                          f"{segs.num_tokens} tokens given to the model")
-    kernel = fused_mamba2_kernel(hidden_states) if hasattr(self, "dt_bias") else None  # Mamba-2 only
-    if kernel is not None:
-        return mamba2_packed_fused(self, hidden_states, segs.seq_idx, kernel)
-    return segs.per_document(hidden_states, lambda rows: original(self, rows, **kwargs))
+    if hasattr(self, "dt_bias"):  # Mamba-2: the fused kernel takes seq_idx; else its own forward on rows
+        kernel = fused_mamba2_kernel(hidden_states)
+        if kernel is not None:
+            return mamba2_packed_fused(self, hidden_states, segs.seq_idx, kernel)
+        return segs.per_document(hidden_states, lambda rows: original(self, rows, **kwargs))
+    if mamba1_uses_kernels(hidden_states):  # Mamba-1 with mamba_ssm on CUDA: its kernels, one document per row
+        return segs.per_document(hidden_states, lambda rows: original(self, rows, **kwargs))
+    return segs.per_document(hidden_states, lambda rows: mamba1_rows_forward(self, rows))  # linear-time torch
 
 
 _GUARDED: dict = {}

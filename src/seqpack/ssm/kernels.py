@@ -10,8 +10,9 @@ Only kernels that take per-token document indices run on the packed row itself:
   convolution and the scan restart at every document.
 
 Mamba-1's ``selective_scan_fn(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-return_last_state=False)`` has no ``seq_idx``: Mamba-1 always runs as document rows (see ``segments.py``), where
-transformers' own mixer uses whatever kernels it finds, one document per row.
+return_last_state=False)`` (``mamba_ssm.ops.selective_scan_interface``) has no ``seq_idx``: Mamba-1 always runs as
+document rows (see ``segments.py``) — through transformers' own mixer, which then uses those kernels one document
+per row, when they are installed and the row is on CUDA; else through seqpack's torch rows (``mamba1.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class SSMKernels:
     """The optional kernels found at import time (None = not installed)."""
 
     mamba_split_conv1d_scan_combined: Optional[Callable] = None
+    selective_scan_fn: Optional[Callable] = None
 
 
 def _optional(module: str, name: str):
@@ -40,7 +42,8 @@ def _optional(module: str, name: str):
 def available_kernels() -> SSMKernels:
     return SSMKernels(
         mamba_split_conv1d_scan_combined=_optional("mamba_ssm.ops.triton.ssd_combined",
-                                                   "mamba_split_conv1d_scan_combined"))
+                                                   "mamba_split_conv1d_scan_combined"),
+        selective_scan_fn=_optional("mamba_ssm.ops.selective_scan_interface", "selective_scan_fn"))
 
 
 def on_kernel_device(x) -> bool:
@@ -52,6 +55,11 @@ def fused_mamba2_kernel(hidden_states) -> Optional[Callable]:
     """``mamba_split_conv1d_scan_combined`` when it can run on ``hidden_states``' device, else None."""
     kernel = available_kernels().mamba_split_conv1d_scan_combined
     return kernel if kernel is not None and on_kernel_device(hidden_states) else None
+
+
+def mamba1_uses_kernels(hidden_states) -> bool:
+    """Whether transformers' Mamba-1 mixer finds mamba_ssm's CUDA kernels for ``hidden_states``."""
+    return available_kernels().selective_scan_fn is not None and on_kernel_device(hidden_states)
 
 
 def mamba2_packed_fused(mixer, hidden_states, seq_idx, kernel):
