@@ -13,9 +13,11 @@ from .data import build_packed_loader
 from .loss import causal_lm_loss
 from .models import load_model, register_models
 from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch
+from .ssm import register_ssm_models
 
 register()  # attn_implementation="seqpack"
 register_models()  # InternLM / InternLM2 / Baichuan2 official folders load without trust_remote_code
+register_ssm_models()  # Mamba / Mamba-2 from the Auto classes: adapted (attn_implementation="seqpack") or guarded
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",

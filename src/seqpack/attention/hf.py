@@ -160,11 +160,16 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
     A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
     implementation (:mod:`seqpack.multimodal.model`).
+    Mamba / Mamba-2 have no attention: their mixers are adapted instead (:func:`seqpack.ssm.adapt_ssm`).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    from ..ssm import adapt_ssm, is_ssm
+
+    if is_ssm(model):  # Mamba / Mamba-2: no attention; the mixers restart at every document instead
+        return adapt_ssm(model, sp_group=sp_group)
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(attn_implementation_for(model.config, NAME))
     else:

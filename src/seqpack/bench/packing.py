@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqpack bench packing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--model", choices=sorted(MODELS), help="model shape (default: small on cpu, tinyllama on "
-                        "cuda)")
+    parser.add_argument("--model", choices=[*sorted(MODELS), "mamba", "mamba2"],
+                        help="model shape (default: small on cpu, tinyllama on cuda); mamba / mamba2: a tiny SSM, "
+                        "packed vs padded (bench/packing_ssm.py)")
     parser.add_argument("--lengths", type=int, nargs="+", help="row lengths T (default: 4096 8192 16384 on cpu, "
                         "16384 65536 131072 on cuda)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: seqpack sdpa-packed sdpa-posids "
@@ -284,6 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     lengths = args.lengths or ([16384, 65536, 131072] if cuda else [4096, 8192, 16384])
     methods = args.methods or ["seqpack", "sdpa-packed", "sdpa-posids"] + \
         (["flex-packed", "flex-posids"] if cuda else ["padded"])
+    if model in ("mamba", "mamba2"):
+        from .packing_ssm import main as ssm_main
+
+        args.lengths, args.methods = lengths, methods
+        return ssm_main(args)
     if args.one:
         print(json.dumps(run_one(args.one[0], int(args.one[1]), args.steps, args.seed, args.dist,
                                  args.attention_only, args.device, model, median, checkpointing)))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import warnings
 
+from ..ssm.config import SP_REFUSAL, SSM_MODEL_TYPES
+
 _PIPE = "pipeline parallel is not supported"
 IGNORED: dict[str, dict[str, str]] = {
     "": {
@@ -132,6 +134,8 @@ def check_choices(cfg, source: str = "config") -> None:
             bad("ckpt.load_ckpt_info.path", info.path, "give the local folder of the Hugging Face model")
     if not from_hf(cfg):
         transformers_model_type(cfg)  # raises for a name transformers does not know
+        if transformers_model_type(cfg) in SSM_MODEL_TYPES and p.tensor.size > 1:  # folders: refused at dispatch
+            bad("parallel.tensor.size", p.tensor.size, SP_REFUSAL.format(name=cfg.model_type))
     if from_hf(cfg) and info is None:
         bad("model_type", cfg.model_type, "a *_FROM_HF model needs ckpt.load_ckpt_info=dict(path=FOLDER, "
             "content=('model',), ckpt_type='hf_model')")

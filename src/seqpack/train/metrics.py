@@ -70,8 +70,9 @@ def step_flops(model_config, n_params: int, batches, sp_size: int = 1) -> float:
     """Training FLOPs of this rank's share of ``batches`` (full packed rows before any SP split)."""
     model_config = model_config.get_text_config()  # a vision-language model: its language model
     layers = model_config.num_hidden_layers
-    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
-    width = model_config.num_attention_heads * head_dim
+    heads = getattr(model_config, "num_attention_heads", None)  # None: an SSM (Mamba), no attention term
+    head_dim = getattr(model_config, "head_dim", None) or (model_config.hidden_size // heads if heads else 0)
+    width = heads * head_dim if heads else 0
     total = 0.0
     for b in batches:
         lengths = b.cu_seqlens.diff().double()

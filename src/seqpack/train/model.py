@@ -22,6 +22,7 @@ import seqpack
 from ..chunked_loss import enable_chunked_loss
 from ..fused import apply_fused_kernels
 from ..parallel import apply_fsdp, check_model_heads
+from ..ssm.config import SSM_MODEL_TYPES, is_ssm, ssm_hf_config
 from ..tiled_mlp import apply_tiled_mlp
 from .config import Config
 from .config_rules import from_hf, transformers_model_type
@@ -31,6 +32,8 @@ def hf_config(cfg: Config, vocab_size: int):
     from transformers import AutoConfig
 
     m = cfg.model
+    if transformers_model_type(cfg) in SSM_MODEL_TYPES:  # Mamba / Mamba-2: no attention or MLP sizes
+        return ssm_hf_config(transformers_model_type(cfg), m, m.vocab_size or vocab_size, m.tie_embeddings)
     inter = m.multiple_of * math.ceil(m.mlp_ratio * m.hidden_size / m.multiple_of)
     if m.hidden_size % m.num_attention_heads:
         raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
@@ -83,9 +86,9 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
         raise ValueError(f"the model's vocab_size={model_vocab} is smaller than the tokenizer's "
                          f"{vocab_size}; set model.vocab_size >= {vocab_size} or use the model's own tokenizer")
     model.train()
-    if topo is not None and topo.sp_size > 1:
+    if topo is not None and topo.sp_size > 1 and not is_ssm(model):  # an SSM: dispatch below refuses sp > 1
         check_model_heads(model.config, topo.sp_size)  # an impossible head layout fails before training
-    # 1) attention: packed varlen, sequence parallel over topo.sp_group
+    # 1) attention: packed varlen, sequence parallel over topo.sp_group (Mamba: mixers reset per document)
     seqpack.dispatch(model, backend=cfg.model.attn_backend, sp_group=getattr(topo, "sp_group", None))
     # 2) fused kernels (Liger on CUDA): RMSNorm, SwiGLU/GeGLU, RoPE forwards swapped on the instances
     fused = apply_fused_kernels(model, cfg.model.fused_kernels, device)
