@@ -26,6 +26,16 @@ def tokens(ids) -> bytes:
     return json.dumps({"tokens": ids}).encode()
 
 
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    """The embedded corpus tokenizer (vocab 4096) saved as a local folder."""
+    from seqpack.data import default_tokenizer
+
+    path = tmp_path_factory.mktemp("tok")
+    default_tokenizer().save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def clean(tmp_path):
     folder = tmp_path / "clean"
@@ -90,11 +100,7 @@ def test_meta_problems(clean, edit, message, capsys):
     assert "[meta]" in err and re.search(message, err), err
 
 
-def test_missing_meta_tokenizer_vocab_and_usage_errors(clean, tmp_path, capsys):
-    from seqpack.data import default_tokenizer
-
-    tok_dir = tmp_path / "tok"
-    default_tokenizer().save_pretrained(tok_dir)  # vocab 4096
+def test_missing_meta_tokenizer_vocab_and_usage_errors(clean, tmp_path, tok_dir, capsys):
     write_ftdp(clean / "en" / "big.bin", [[4095, 4096]])
     assert main(["data", "check", str(clean), "--tokenizer", str(tok_dir)]) == 1
     assert "[vocab]" in capsys.readouterr().err
@@ -106,13 +112,10 @@ def test_missing_meta_tokenizer_vocab_and_usage_errors(clean, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_train_stops_at_startup_on_a_stale_meta(clean, tmp_path):
+def test_train_stops_at_startup_on_a_stale_meta(clean, tmp_path, tok_dir):
     """The cheap part of the check runs when the loader is built, before the first step."""
-    from seqpack.data import default_tokenizer
     from seqpack.train import load_config, train
 
-    tok_dir = tmp_path / "tok"
-    default_tokenizer().save_pretrained(tok_dir)
     write_ftdp(clean / "en" / "zz.bin", [[1, 2, 3]] * 50)
     meta = np.load(clean / "en" / "zz.bin.meta")
     meta[49, 1] = 40  # the last document: read last of all, hours into a real run

@@ -51,7 +51,7 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            pass  # BROKEN for the demo: m.set_gradient_divide_factor(1.0)
+            m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
             m.set_reduce_scatter_unused_params(True, recurse=False)  # MoE: ranks may route to different experts
     return model
