@@ -231,6 +231,13 @@ def _sp_trainer_case(out, dp: int, sp: int):
                                       eval_dataset=_examples(8, seed=8), data_collator=DataCollatorForPacking(),
                                       sp_size=sp)
     assert (trainer.topology.dp_size, trainer.topology.sp_size) == (dp, sp)
+    sampler = trainer._dp_sampler(range(11), shuffle=True, seed=3)  # train_sampling_strategy="random"
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, list(sampler))
+    assert all(everyone[r] == everyone[r - r % sp] for r in range(len(everyone)))  # SP peers: the same examples
+    assert set().union(*everyone) == set(range(11)) and everyone[0] != sorted(everyone[0])  # shuffled, all covered
+    if dp == 2:
+        assert not set(everyone[0]) & set(everyone[2]) - {everyone[0][0]}  # DP groups: disjoint (one repeat pads)
     row = DataCollatorForPacking()(_examples(24, seed=7)[:2])
     assert trainer.shard_inputs(row)["input_ids"].shape[1] == -(-row["input_ids"].shape[1] // sp)  # [1, T/S]
     trainer.train()
