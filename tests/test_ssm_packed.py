@@ -80,12 +80,13 @@ def test_packed_equals_per_document(model_type, case):
     assert_grads_close(model, ref)
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
 @pytest.mark.parametrize("model_type", sorted(CONFIGS))
-def test_checkpointed_micro_batches_recompute_with_their_own_documents(model_type):
+def test_checkpointed_micro_batches_recompute_with_their_own_documents(model_type, reentrant):
     """Two packed rows of the same length, both forwards first, then both backwards: each checkpointed block's
     recomputation must use the documents of its own row, not the last one seen."""
     ref, model = model_pair(model_type)
-    model.activation_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": reentrant})
     assert all(layer.gradient_checkpointing for layer in model.backbone.layers)
     rows = [docs_of([5, 7, 4], seed=1), docs_of([10, 1, 5], seed=2)]  # both T = 16, different boundaries
     batches = [seqpack.pack(d) for d in rows]
