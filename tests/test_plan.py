@@ -194,7 +194,7 @@ def test_options_move_the_parts_they_should():
     none = plan_memory(LLAMA3_8B, replace(base, optimizer="none"))
     assert none.components["optimizer"] == 0 and "optimizer step" not in none.phases
     chunked = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True))
-    assert chunked.phase_components["loss backward"]["logits_loss"] < plan.components["logits_loss"] / 5
+    assert chunked.phase_components["loss backward"]["logits_loss"] < plan.components["logits_loss"] / 3
     assert layer_saved_bytes(LLAMA3_8B, replace(base, tiled_mlp=True))["mlp"] == 0
     assert plan_memory(LLAMA3_8B, replace(base, tiled_mlp=True, chunked_loss=True)).allocated < chunked.allocated
     offload = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True, offload_checkpoints=True))
