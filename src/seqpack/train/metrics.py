@@ -68,7 +68,8 @@ def device_peak_flops(device: torch.device) -> tuple[float, str]:
 
 def step_flops(model_config, n_params: int, batches, sp_size: int = 1) -> float:
     """Training FLOPs of this rank's share of ``batches`` (full packed rows before any SP split)."""
-    model_config = model_config.get_text_config()  # a vision-language model: its language model
+    if hasattr(model_config, "get_text_config"):  # a vision-language model: its language model
+        model_config = model_config.get_text_config()
     layers = model_config.num_hidden_layers
     heads = getattr(model_config, "num_attention_heads", None)  # None: an SSM (Mamba), no attention term
     head_dim = getattr(model_config, "head_dim", None) or (model_config.hidden_size // heads if heads else 0)
