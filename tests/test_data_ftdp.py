@@ -92,7 +92,7 @@ def test_meta_offsets_not_at_line_starts(tmp_path):
         meta[2, 0] += 3
         save_meta(path, meta)
 
-    with pytest.raises(ValueError, match=r"bad\.bin\.meta .*row 2 \(line 3\): offset \d+ does not point at the start of a line"):
+    with pytest.raises(ValueError, match=r"bad\.bin\.meta .*row 2 \(line 3\): offset \d+ does not point at the start"):
         FtdpFile(broken(tmp_path, shift))
 
 
@@ -183,7 +183,8 @@ def test_fast_parser_agrees_with_json_on_long_lines():
                 plain.replace("[", "[ ").replace("]", " ]"), plain.replace(", ", ", 0", 1),  # leading zero
                 plain.replace(", ", ", , ", 1), plain.replace(", ", " ", 1), plain.replace(", ", ",- ", 1),
                 plain.replace(", ", "-", 1), plain.replace(", ", ", --", 1), plain.replace("]", ", ]"),
-                plain.replace("[", "[, "), plain.replace(", ", ".0, ", 1), plain.replace(", ", ", 12345678901234567890, ", 1),
+                plain.replace("[", "[, "), plain.replace(", ", ".0, ", 1),
+                plain.replace(", ", ", 12345678901234567890, ", 1),
                 plain.replace(", ", ", 123456789012345678, ", 1), plain.replace(", ", ", -0, ", 1),
                 plain.replace(", ", ", true, ", 1), plain.replace("}", ', "tokens": [1]}'),
                 plain.replace("}", ', "ids": [1, 2]}'), '{"ids": [1], ' + plain[1:], plain + "x",

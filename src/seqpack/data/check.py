@@ -127,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"seqpack data check: error: {err}", file=sys.stderr)
         return 2
     print(format_stats(stats))
-    vocab = f", every id < {vocab_size}" if vocab_size is not None else " (ids not checked: no --tokenizer/--vocab-size)"
+    vocab = f", every id < {vocab_size}" if vocab_size is not None else \
+        " (ids not checked: no --tokenizer/--vocab-size)"
     print(f"ok: {args.folder} is a valid ftdp folder{vocab}; checked in {time.perf_counter() - t0:.1f} s")
     return 0
