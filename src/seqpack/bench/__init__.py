@@ -3,6 +3,7 @@
 - ``packing``: seqpack varlen vs transformers' packed SDPA path (dense block mask) vs padded batches.
 - ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
+- ``plan``: ``seqpack plan``'s predicted peak memory against the measured peak of real steps (CPU, gloo).
 """
 
 from __future__ import annotations
