@@ -5,6 +5,7 @@
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
 - ``train``: `seqpack train` step vs the bare step; peak memory with the chunked loss / tiled MLP on and off.
 - ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
+- ``plan``: ``seqpack plan``'s predicted peak memory against the measured peak of real steps (CPU, gloo).
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def options_from(args, cfg) -> PlanOptions:
                        checkpoint=pick(args.checkpoint, ckpt), precision=pick(args.precision, precision),
                        optimizer=args.optimizer, micro_num=pick(args.micro_num, micro), chunked_loss=args.chunked_loss,
                        loss_chunk=args.loss_chunk, tiled_mlp=args.tiled_mlp, mlp_tile=args.mlp_tile,
-                       keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len, slack=args.slack, reserve_gib=args.reserve_gib)
+                       keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len,
+                       slack=args.slack, reserve_gib=args.reserve_gib)
 
 
 def run(args) -> int:
