@@ -19,4 +19,5 @@ register_models()  # InternLM / InternLM2 / Baichuan2 official folders load with
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",
-           "chunked_causal_lm_loss", "dispatch", "enable_chunked_loss", "init_topology", "load_model", "pack", "register", "register_models", "shard_batch"]
+           "chunked_causal_lm_loss", "dispatch", "enable_chunked_loss", "init_topology", "load_model", "pack",
+           "register", "register_models", "shard_batch"]
