@@ -45,3 +45,24 @@ def test_bad_feature_keys_are_named(key, value, message):
 def test_fused_kernels_true_without_cuda_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"model.fused_kernels=True: it needs a CUDA device \(this run is on cpu\)"):
         train(load_config(None, [*TINY, "--model.fused_kernels", "True", "--train.run_dir", str(tmp_path)]))
+
+
+def test_features_compose_with_sequence_parallel_and_fsdp2(tmp_path):
+    """sp=2 over two gloo processes (FSDP2, SP shards, the head weight gathered inside the forward) with chunked
+    loss and tiled MLP == one process with both off. Tolerance as tests/test_train_distributed.py: 1e-5 relative
+    (the all-to-alls and the sharded reductions change float32 summation order; observed ~6e-8)."""
+    import os
+    import subprocess
+    import sys
+
+    short = [*TINY, "--lr_scheduler.total_steps", "3", "--data.seq_len", "64"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "seqpack.cli", "train", *short, "--model.tiled_mlp", "16",
+                           "--loss.chunk_size", "24", "--parallel.tensor.size", "2", "--nproc", "2",
+                           "--run_dir", str(tmp_path / "sp2")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    train(load_config(None, [*short, "--loss.chunked", "False", "--train.run_dir", str(tmp_path / "single")]))
+    got, want = losses(tmp_path / "sp2"), losses(tmp_path / "single")
+    assert len(got) == len(want) == 3
+    for step, (a, b) in enumerate(zip(got, want), 1):
+        assert abs(a - b) <= 1e-5 * abs(b), (step, got, want)

@@ -21,4 +21,5 @@ register_ssm_models()  # Mamba / Mamba-2 from the Auto classes: adapted (attn_im
 
 __version__ = "0.1.0"
 __all__ = ["IGNORE_INDEX", "PackedBatch", "StepLoss", "apply_fsdp", "build_packed_loader", "causal_lm_loss",
-           "chunked_causal_lm_loss", "dispatch", "enable_chunked_loss", "init_topology", "load_model", "pack", "register", "register_models", "shard_batch"]
+           "chunked_causal_lm_loss", "dispatch", "enable_chunked_loss", "init_topology", "load_model", "pack",
+           "register", "register_models", "shard_batch"]
