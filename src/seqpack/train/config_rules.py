@@ -124,7 +124,11 @@ def check_choices(cfg, source: str = "config") -> None:
                 "scheduler and sampler state resume through ckpt.auto_resume")
         if not info.path:
             bad("ckpt.load_ckpt_info.path", info.path, "give the local folder of the Hugging Face model")
-    if not from_hf(cfg):
+    from ..diffusion.config import check_diffusion, is_flux
+
+    if is_flux(cfg):
+        check_diffusion(cfg, source)
+    elif not from_hf(cfg):
         transformers_model_type(cfg)  # raises for a name transformers does not know
     if from_hf(cfg) and info is None:
         bad("model_type", cfg.model_type, "a *_FROM_HF model needs ckpt.load_ckpt_info=dict(path=FOLDER, "
