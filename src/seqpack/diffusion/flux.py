@@ -14,7 +14,7 @@ Two pieces, no edits to diffusers' code:
 - :func:`packed_forward` — the model's forward over a packed row. diffusers' blocks broadcast one timestep
   embedding over a whole batch row (``gate[:, None]``), which a packed row of samples at different timesteps
   cannot use, so this walks the model's own submodules (the same weights and layers) with the AdaLN modulation
-  gathered per token from each token's sample. Everything else (projections, QK-norm, rotary, MLPs) is the
+  of each token taken from its sample (:class:`_TokenAffine`, no gathered copy kept for backward). Everything else (projections, QK-norm, rotary, MLPs) is the
   model's own module call. ``tests/test_flux.py`` holds it equal to the unmodified diffusers forward of each
   sample alone, outputs and every gradient.
 
@@ -108,37 +108,67 @@ def install(model, backend: str = "auto", sp_group=None):
     return model
 
 
-def _per_token(norm, temb: torch.Tensor, sample: torch.Tensor, chunks: int) -> list[torch.Tensor]:
-    """AdaLN modulation of each token: norm.linear(silu(temb)) [n + 1, chunks*C] gathered by ``sample`` [t] ->
-    ``chunks`` tensors [1, t, C] (diffusers' ``emb.chunk(chunks, dim=1)`` per sample)."""
-    emb = norm.linear(norm.silu(temb))  # [n + 1, chunks*C]
-    return list(emb[sample][None].chunk(chunks, dim=-1))
+class _TokenAffine(torch.autograd.Function):
+    """out = x * mul[index] + add[index] for x [1, t, C], mul/add [n, C], index [t] — the per-sample AdaLN
+    modulation of a packed row. Backward recomputes mul[index] instead of keeping a gathered [t, C] copy, so the
+    saved memory matches diffusers' broadcast [B, 1, C] modulation."""
+
+    @staticmethod
+    def forward(ctx, x, mul, add, index):
+        ctx.save_for_backward(x, mul, index)
+        ctx.has_add = add is not None
+        out = x * mul[index]
+        return out + add[index] if add is not None else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, mul, index = ctx.saved_tensors
+        g = grad[0]  # [t, C]
+        grad_mul = torch.zeros_like(mul).index_add_(0, index, g * x[0])
+        grad_add = torch.zeros_like(mul).index_add_(0, index, g) if ctx.has_add else None
+        return grad * mul[index], grad_mul, grad_add, None
+
+
+def _modulation(norm, temb: torch.Tensor, chunks: int) -> list[torch.Tensor]:
+    """diffusers' AdaLN ``norm.linear(norm.silu(temb)).chunk(chunks, dim=1)`` per sample: ``chunks`` x [n + 1, C]."""
+    return list(norm.linear(norm.silu(temb)).chunk(chunks, dim=1))
+
+
+def _modulate(x, scale, shift, index):
+    """x * (1 + scale) + shift, per token from its sample ``index`` [t]."""
+    return _TokenAffine.apply(x, 1 + scale, shift, index)
+
+
+def _gated(gate, x, index):
+    """gate * x, per token from its sample ``index`` [t]."""
+    return _TokenAffine.apply(x, gate, None, index)
 
 
 def _double_block(block, txt, img, temb, rope, row: FluxRow):
-    """FluxTransformerBlock with per-token modulation. txt [1, tt, C], img [1, ti, C] -> (txt, img)."""
-    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _per_token(block.norm1, temb, row.img_sample, 6)
-    c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = _per_token(block.norm1_context, temb,
-                                                                                row.txt_sample, 6)
-    attn_img, attn_txt = block.attn(hidden_states=block.norm1.norm(img) * (1 + scale) + shift,
-                                    encoder_hidden_states=block.norm1_context.norm(txt) * (1 + c_scale) + c_shift,
+    """FluxTransformerBlock with per-sample modulation. txt [1, tt, C], img [1, ti, C] -> (txt, img)."""
+    i, t = row.img_sample, row.txt_sample
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = _modulation(block.norm1, temb, 6)
+    c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(block.norm1_context, temb, 6)
+    attn_img, attn_txt = block.attn(hidden_states=_modulate(block.norm1.norm(img), scale, shift, i),
+                                    encoder_hidden_states=_modulate(block.norm1_context.norm(txt), c_scale, c_shift, t),
                                     image_rotary_emb=rope, packed=row)
-    img = img + gate * attn_img
-    img = img + gate_mlp * block.ff(block.norm2(img) * (1 + scale_mlp) + shift_mlp)
-    txt = txt + c_gate * attn_txt
-    txt = txt + c_gate_mlp * block.ff_context(block.norm2_context(txt) * (1 + c_scale_mlp) + c_shift_mlp)
+    img = img + _gated(gate, attn_img, i)
+    img = img + _gated(gate_mlp, block.ff(_modulate(block.norm2(img), scale_mlp, shift_mlp, i)), i)
+    txt = txt + _gated(c_gate, attn_txt, t)
+    txt = txt + _gated(c_gate_mlp, block.ff_context(_modulate(block.norm2_context(txt), c_scale_mlp, c_shift_mlp, t)),
+                       t)
     if txt.dtype == torch.float16:
         txt = txt.clip(-65504, 65504)
     return txt, img
 
 
 def _single_block(block, x, temb, rope, row: FluxRow, sample: torch.Tensor):
-    """FluxSingleTransformerBlock with per-token modulation on the joint row. x [1, tj, C] -> [1, tj, C]."""
-    shift, scale, gate = _per_token(block.norm, temb, sample, 3)
-    h = block.norm.norm(x) * (1 + scale) + shift
+    """FluxSingleTransformerBlock with per-sample modulation on the joint row. x [1, tj, C] -> [1, tj, C]."""
+    shift, scale, gate = _modulation(block.norm, temb, 3)
+    h = _modulate(block.norm.norm(x), scale, shift, sample)
     mlp = block.act_mlp(block.proj_mlp(h))
     attn = block.attn(hidden_states=h, image_rotary_emb=rope, packed=row)
-    x = x + gate * block.proj_out(torch.cat([attn, mlp], dim=2))
+    x = x + _gated(gate, block.proj_out(torch.cat([attn, mlp], dim=2)), sample)
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
@@ -167,8 +197,8 @@ def packed_forward(model, row: FluxRow, checkpoint: bool = False) -> torch.Tenso
     for block in model.single_transformer_blocks:
         x = run(_single_block, block, x, temb, rope, row, joint_sample)
     img = x[:, torch.argsort(row.perm)[txt.shape[1]:]]  # joint -> image stream [1, ti, C]
-    scale, shift = _per_token(model.norm_out, temb, row.img_sample, 2)
-    return model.proj_out(model.norm_out.norm(img) * (1 + scale) + shift)
+    scale, shift = _modulation(model.norm_out, temb, 2)  # AdaLayerNormContinuous: (scale, shift)
+    return model.proj_out(_modulate(model.norm_out.norm(img), scale, shift, row.img_sample))
 
 
 def _checkpointed(fn, *args):
