@@ -134,7 +134,8 @@ def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:
         idx = (first[:, None] + torch.arange(L, device=q.device)).clamp_(max=T - 1)  # [nb, L]; pad slots reuse tokens
         valid = torch.arange(L, device=q.device)[None, :] < torch.tensor([lengths[i] for i in bucket],
                                                                             device=q.device)[:, None]
-        out = _dense_causal(q[idx], k[idx], v[idx], spec, None if spec.causal else valid)  # [nb, L, N, D]
+        key_valid = None if spec.causal or bool(valid.all()) else valid  # bidirectional: hide the padding keys
+        out = _dense_causal(q[idx], k[idx], v[idx], spec, key_valid)  # [nb, L, N, D]
         outs.append(out[valid])  # [sum l, N, D]
         token_index.append(idx[valid])
     token_index = torch.cat(token_index)

@@ -209,7 +209,8 @@ class FluxLoader:
         self.epoch, self.cursor, self.step = state["epoch"], state["cursor"], state["step"]
 
     def _order(self) -> list[int]:
-        return torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(len(self.dataset), generator=g).tolist()
 
     def _next_row(self) -> list[int]:
         """Indices of the next packed row (greedy in epoch order; a row never spans two epochs)."""

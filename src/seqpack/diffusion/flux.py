@@ -14,9 +14,9 @@ Two pieces, no edits to diffusers' code:
 - :func:`packed_forward` — the model's forward over a packed row. diffusers' blocks broadcast one timestep
   embedding over a whole batch row (``gate[:, None]``), which a packed row of samples at different timesteps
   cannot use, so this walks the model's own submodules (the same weights and layers) with the AdaLN modulation
-  of each token taken from its sample (:class:`_TokenAffine`, no gathered copy kept for backward). Everything else (projections, QK-norm, rotary, MLPs) is the
-  model's own module call. ``tests/test_flux.py`` holds it equal to the unmodified diffusers forward of each
-  sample alone, outputs and every gradient.
+  of each token taken from its sample (:class:`_TokenAffine`, no gathered copy kept for backward). Everything
+  else (projections, QK-norm, rotary, MLPs) is the model's own module call. ``tests/test_flux.py`` holds it
+  equal to the unmodified diffusers forward of each sample alone, outputs and every gradient.
 
     >>> model.set_attn_processor(SeqpackFluxAttnProcessor())                   # doctest: +SKIP
     >>> pred = packed_forward(model, pack_flux(samples))  # [1, sum Li, Cout]  # doctest: +SKIP

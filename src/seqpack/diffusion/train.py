@@ -19,6 +19,7 @@ wired (FSDP2's hooks run on module ``forward`` calls, and the packed forward cal
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -31,7 +32,7 @@ from ..parallel import all_reduce_gradients, init_topology
 from ..parallel.comm import all_reduce_sum
 from ..train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from ..train.metrics import DevicePeak, MetricsLogger, peak_memory_mib
-from .data import SHAPES, FluxLoader, FolderDataset, ShapesDataset, grid_image, unpatchify
+from .data import FluxLoader, FolderDataset, ShapesDataset, grid_image, unpatchify
 from .flux import SeqpackFluxAttnProcessor, install, packed_forward
 from .objective import euler_sample, loss_count, loss_sum
 from .packing import FluxSample, image_position_ids, pack_flux
@@ -109,7 +110,7 @@ def _train(cfg, topo):
     ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
     if rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "seqpack_config.json").write_text(__import__("json").dumps(cfg.to_dict(), indent=2, default=str))
+        (run_dir / "seqpack_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
         remove_partial(ckpt_dir)
     loader = build_data(cfg, topo)
     x0, txt, pooled = loader.dataset.item(0)
@@ -237,4 +238,4 @@ def write_samples(model, loader: FluxLoader, cfg, topo, run_dir: Path, step: int
     return out
 
 
-__all__ = ["SHAPES", "build_flux", "generate", "train_flux", "write_samples"]
+__all__ = ["build_flux", "generate", "train_flux", "write_samples"]
