@@ -5,13 +5,13 @@
 model_type = "flux"
 
 data = dict(
-    seq_len=256,       # joint (text + image) tokens per packed row
-    micro_num=2,       # rows per optimizer step
+    seq_len=512,       # joint (text + image) tokens per packed row
+    micro_num=1,       # rows per optimizer step
     micro_bsz=1,
     train_folder=None,  # None = embedded shapes; else a folder of images/latents + cached caption embeddings
 )
 
-model = dict(hidden_size=96, num_layers=2, num_attention_heads=4, checkpoint=False)
+model = dict(hidden_size=96, num_layers=2, num_attention_heads=2, checkpoint=False)  # head dim 48: rope 8/20/20
 
 diffusion = dict(
     patch_size=4,
@@ -19,10 +19,11 @@ diffusion = dict(
     resolutions=((16, 16), (16, 24), (24, 16), (24, 24), (32, 32), (32, 16)),
     timestep_sampling="logit_normal",
     sample_steps=24,
+    sample_every=100,
 )
 
 parallel = dict(tensor=dict(size=1, mode="isp"))
 ckpt = dict(checkpoint_every=100, auto_resume=True)
-adam = dict(lr=1e-3, weight_decay=0.0)
-lr_scheduler = dict(total_steps=400, warmup_ratio=0.05, eta_min=1e-4)
+adam = dict(lr=2e-3, weight_decay=0.0)
+lr_scheduler = dict(total_steps=300, warmup_ratio=0.05, eta_min=1e-4)
 hybrid_zero_optimizer = dict(clip_grad_norm=1.0)

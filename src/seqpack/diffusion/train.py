@@ -39,8 +39,9 @@ from .packing import FluxSample, image_position_ids, pack_flux
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:
-    """Flux's (index, row, column) rotary split of the head dim: even parts summing to head_dim."""
-    a = 2 * (head_dim // 6)
+    """Flux's (index, row, column) rotary split of the head dim: even parts summing to head_dim, most of it for
+    the two spatial axes (Flux.1: 16/56/56 of 128), so that even small heads see several frequencies per axis."""
+    a = 2 * ((head_dim - max(2, 2 * (head_dim // 16))) // 4)
     return head_dim - 2 * a, a, a
 
 
