@@ -16,7 +16,8 @@ def _loss(pred, target):
     return ((pred - target) ** 2).sum()
 
 
-def test_packed_row_equals_each_sample_alone():
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "activation-checkpointing"])
+def test_packed_row_equals_each_sample_alone(checkpoint):
     g = torch.Generator().manual_seed(0)
     samples = [sample(g, *s) for s in SIZES]
     ref = tiny_flux()
@@ -28,7 +29,7 @@ def test_packed_row_equals_each_sample_alone():
         ref_loss = ref_loss + _loss(out, s.target)
     ref_loss.backward()
     row = pack_flux(samples)
-    pred = packed_forward(model, row)
+    pred = packed_forward(model, row, checkpoint=checkpoint)
     torch.testing.assert_close(pred[0], torch.cat(outs).detach(), rtol=1e-5, atol=1e-5)
     loss = _loss(pred[0], row.target[0])
     loss.backward()
