@@ -11,6 +11,7 @@ Backends (chosen per call by :func:`seqpack.attention.backends.resolve_backend`)
 - ``sdpa``: any device. Documents are grouped into buckets of similar length, right-padded to the bucket's
   longest, and run as one causal ``scaled_dot_product_attention`` batch per bucket. Right padding never changes a
   real token's result under a causal mask, so this is exact, and memory is O(sum of bucket L^2), never O(T^2).
+  With ``causal=False`` (bidirectional, e.g. diffusion transformers) a key-padding mask hides the padding keys.
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, ba
     dtype = backends.compute_dtype(q)  # under autocast: the autocast dtype (RoPE leaves q/k in float32 there)
     backend = backends.resolve_backend(backend, q.device, spec, dtype, q.shape[-1])
     if backend == "sdpa":
-        if not spec.causal:  # until the bucketed SDPA path learns non-causal attention (issue #13)
-            raise ValueError("the 'sdpa' attention backend is causal-only; non-causal attention needs flash_attn or "
-                             "torch_varlen (float16/bfloat16 on CUDA)")
         return _bucketed_sdpa(q, k, v, cu, spec)
     if cu_tensor is None or cu_tensor.device != q.device:
         cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
@@ -81,7 +79,8 @@ def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:
         idx = (first[:, None] + torch.arange(L, device=q.device)).clamp_(max=T - 1)  # [nb, L]; pad slots reuse tokens
         valid = torch.arange(L, device=q.device)[None, :] < torch.tensor([lengths[i] for i in bucket],
                                                                             device=q.device)[:, None]
-        out = _dense_causal(q[idx], k[idx], v[idx], spec)  # [nb, L, N, D]
+        key_valid = None if spec.causal or bool(valid.all()) else valid  # bidirectional: hide the padding keys
+        out = _dense_causal(q[idx], k[idx], v[idx], spec, key_valid)  # [nb, L, N, D]
         outs.append(out[valid])  # [sum l, N, D]
         token_index.append(idx[valid])
     token_index = torch.cat(token_index)
@@ -90,11 +89,14 @@ def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:
     return torch.cat(outs)[inverse]
 
 
-def _dense_causal(q, k, v, spec: AttnSpec) -> torch.Tensor:
-    """Causal attention over equal-length rows. q [B, L, N, D], k/v [B, L, Nkv, D] -> [B, L, N, D]."""
+def _dense_causal(q, k, v, spec: AttnSpec, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention over equal-length rows. q [B, L, N, D], k/v [B, L, Nkv, D] -> [B, L, N, D].
+    With ``spec.causal=False`` bidirectional, keys where ``key_valid`` [B, L] is False (right padding) hidden."""
     L = q.shape[1]
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, L, D]
     dropout = spec.dropout if torch.is_grad_enabled() else 0.0
+    if not spec.causal:
+        return _dense_bidirectional(q, k, v, spec, key_valid, dropout).transpose(1, 2)
     window = spec.sliding_window if spec.sliding_window is not None and spec.sliding_window < L else None
     if spec.alibi_slopes is not None:
         mask = alibi_mask(causal_mask(L, L, window, q.device), spec.alibi_slopes, q.dtype)  # [N, L, L] float
@@ -108,6 +110,19 @@ def _dense_causal(q, k, v, spec: AttnSpec) -> torch.Tensor:
     else:
         out = _math_attention(q, k, v, causal_mask(L, L, window, q.device), spec, dropout)
     return out.transpose(1, 2)
+
+
+def _dense_bidirectional(q, k, v, spec: AttnSpec, key_valid, dropout: float) -> torch.Tensor:
+    """q [B, N, L, D], k/v [B, Nkv, L, D], key_valid [B, L] bool or None -> [B, N, L, D]."""
+    if spec.sliding_window is not None or spec.alibi_slopes is not None:
+        raise ValueError("causal=False (bidirectional attention) supports neither sliding_window nor alibi_slopes "
+                         "on the sdpa backend")
+    L = q.shape[2]
+    mask = None if key_valid is None else key_valid[:, None, None, :].expand(-1, 1, L, -1)  # [B, 1, L, L]
+    if spec.softcap is not None:
+        return _math_attention(q, k, v, mask, spec, dropout)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=spec.scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def causal_mask(q_len: int, kv_len: int, window: int | None, device) -> torch.Tensor:

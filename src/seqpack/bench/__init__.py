@@ -2,6 +2,7 @@
 
 - ``packing``: seqpack varlen vs transformers' packed SDPA path (dense block mask) vs padded batches.
 - ``sp``: peak memory and step time per rank for sp = 1, 2, 4 at a fixed total T (gloo, CPU).
+- ``flux``: Flux steps on packed multi-resolution rows vs padded batches; activation memory per rank for sp 1/2/4.
 - ``data``: packing speed and fill of each strategy, ftdp reading speed.
 - ``train``: `seqpack train` step vs the bare step; peak memory with the chunked loss / tiled MLP on and off.
 - ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
@@ -13,7 +14,8 @@ from __future__ import annotations
 import importlib
 
 BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
-           "train": "seqpack.bench.train", "plan": "seqpack.plan.bench", "trainer": "seqpack.bench.trainer"}
+           "train": "seqpack.bench.train", "plan": "seqpack.plan.bench", "trainer": "seqpack.bench.trainer",
+           "flux": "seqpack.bench.flux"}
 
 
 def add_arguments(parser):

@@ -21,6 +21,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
+from ..diffusion.config import DiffusionConfig
+
 
 @dataclass
 class DataConfig:
@@ -282,7 +284,8 @@ class Config:
 
     model_type: str = "llama"
     """transformers model type for from-scratch runs ("llama", "qwen2", ...; InternEvo's "LLAMA2" = llama), or
-    a name ending in "_FROM_HF" / "HF" = the model comes from ckpt.load_ckpt_info (ckpt_type "hf_model")."""
+    a name ending in "_FROM_HF" / "HF" = the model comes from ckpt.load_ckpt_info (ckpt_type "hf_model"), or
+    "flux" = a diffusers Flux transformer trained with rectified flow on images (section ``diffusion``)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data."""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -301,6 +304,8 @@ class Config:
     """Loss."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Run options."""
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    """Flux (diffusion transformer) runs: model_type="flux"."""
     cudnn_deterministic: bool = False
     """torch.backends.cudnn.deterministic."""
     cudnn_benchmark: bool = False

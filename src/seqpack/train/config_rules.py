@@ -132,7 +132,11 @@ def check_choices(cfg, source: str = "config") -> None:
                 "scheduler and sampler state resume through ckpt.auto_resume")
         if not info.path:
             bad("ckpt.load_ckpt_info.path", info.path, "give the local folder of the Hugging Face model")
-    if not from_hf(cfg):
+    from ..diffusion.config import check_diffusion, is_flux
+
+    if is_flux(cfg):
+        check_diffusion(cfg, source)
+    elif not from_hf(cfg):
         transformers_model_type(cfg)  # raises for a name transformers does not know
         if transformers_model_type(cfg) in SSM_MODEL_TYPES and p.tensor.size > 1:  # folders: refused at dispatch
             bad("parallel.tensor.size", p.tensor.size, SP_REFUSAL.format(name=cfg.model_type))

@@ -121,6 +121,12 @@ def clip_grad_norm(model, max_norm: float) -> float:
 
 def train(cfg: Config) -> TrainResult:
     """Run (or resume) the job ``cfg`` describes; one process or every rank of a torchrun launch."""
+    from ..diffusion.config import is_flux
+
+    if is_flux(cfg):  # diffusion transformer: its own loop (seqpack.diffusion.train)
+        from ..diffusion.train import train_flux
+
+        return train_flux(cfg)
     topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device)  # cuda:LOCAL_RANK on a GPU machine
     try:
         return _train(cfg, topo)
