@@ -136,14 +136,15 @@ def test_micro_batch_slot_is_set_and_restored():
     del gpc.config.data["use_packed_dataset"]
 
 
-def _naive_causal(q, k, v, scale):
-    """q [S, H, D], k/v [S, Hkv, D] -> [S, H, D], one causal sequence, per-head loop."""
+def _naive_causal(q, k, v, scale, causal=True):
+    """q [S, H, D], k/v [S, Hkv, D] -> [S, H, D], one causal (or bidirectional) sequence, per-head loop."""
     S, H, _ = q.shape
     out = torch.empty_like(q)
     for h in range(H):
         kv = h // (H // k.shape[1])
         s = (q[:, h] @ k[:, kv].T) * scale
-        s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), -math.inf)
+        if causal:
+            s = s.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), -math.inf)
         out[:, h] = torch.softmax(s, -1) @ v[:, kv]
     return out
 
@@ -162,8 +163,9 @@ def test_isp_attention_functions_match_naive_math():
     assert (packed[0] - ref).abs().max() <= 1e-6
     old_style = isp_flash_attn_varlen_func(q[:1], k[:1], v[:1], cu_seqlens=cu, max_seqlen=4, causal=True)
     assert torch.equal(old_style, packed)
-    with pytest.raises(ValueError, match="causal-only"):
-        isp_flash_attn_varlen_func(q[:1], k[:1], v[:1], cu, cu, 4, 4, causal=False)
+    bidirectional = isp_flash_attn_varlen_func(q[:1], k[:1], v[:1], cu, cu, 4, 4, causal=False)
+    ref = torch.cat([_naive_causal(q[0, a:b], k[0, a:b], v[0, a:b], 8 ** -0.5, causal=False) for a, b in [(0, 3), (3, 7)]])
+    assert (bidirectional[0] - ref).abs().max() <= 1e-6
     with pytest.raises(ValueError, match="max_seqlen_q=3 is shorter than the longest document"):
         isp_flash_attn_varlen_func(q[:1], k[:1], v[:1], cu, cu, 3, 3)
     with pytest.raises(ValueError, match="cu_seqlens_k differs"):
