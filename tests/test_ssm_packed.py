@@ -10,7 +10,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, Mamba2ForCausalLM, Ma
 import seqpack
 import seqpack.ssm.adapter as adapter
 import seqpack.ssm.kernels as kernels
-from seqpack.batch import IGNORE_INDEX
 
 VOCAB = 64
 CONV = 4  # conv_kernel: documents of length 1 and longer than the kernel below

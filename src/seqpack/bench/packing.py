@@ -256,6 +256,17 @@ def _padded_micro_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [current]
 
 
+def run_worker(cmd: list[str], method: str, T: int) -> dict:
+    """Run one measurement in a fresh process (``cmd``); its last stdout line is the JSON result. A failed worker
+    gives ``{"method", "T", "failed": last stderr line}`` (printed) instead."""
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"T={T} {method}: failed ({tail[0]})")
+        return dict(method=method, T=T, failed=tail[0])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="seqpack bench packing", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -306,14 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                    "--seed", str(args.seed), "--dist", args.dist, "--device", args.device, "--model", model,
                    "--median", str(median), "--checkpointing", "on" if checkpointing else "off"] + \
                 ["--attention-only"] * args.attention_only
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-                print(f"T={T} {method}: failed ({tail[0]})")
-                results.append(dict(method=method, T=T, failed=tail[0]))
+            r = run_worker(cmd, method, T)
+            results.append(r)
+            if "failed" in r:
                 continue
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = results[-1]
             loss = f"  loss {r['loss']:.5f} (per-document {r['exact_loss']:.5f}, leak {r['leak']:.1e})" \
                 if "loss" in r else ""
             print(f"T={T:6d} {method:12s} {r['step_s']:8.3f} s/step  {r['tokens_per_s']:8.0f} tok/s  "

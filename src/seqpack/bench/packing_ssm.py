@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 
-from .packing import _padded_micro_batches, _peak_rss_mb, _rss_mb, doc_lengths, render_table
+from .packing import _padded_micro_batches, _peak_rss_mb, _rss_mb, doc_lengths, render_table, run_worker
 
 MODELS = {
     "mamba": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4),
@@ -90,14 +89,10 @@ def main(args) -> int:
         for method in methods:
             cmd = [sys.executable, "-m", "seqpack.bench.packing", "--model", args.model, "--one", method, str(T),
                    "--steps", str(args.steps), "--seed", str(args.seed), "--dist", args.dist]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-                print(f"T={T} {method}: failed ({tail[0]})")
-                results.append(dict(method=method, T=T, failed=tail[0]))
+            r = run_worker(cmd, method, T)
+            results.append(r)
+            if "failed" in r:
                 continue
-            results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = results[-1]
             print(f"T={T:6d} {method:8s} {r['step_s']:8.3f} CPU s/step ({r['wall_s']:.3f} wall)  "
                   f"{r['tokens_per_s']:8.0f} tok/CPU s  peak +{r['peak_mb']:7.0f} MB", flush=True)
     print(render_table(results))

@@ -103,7 +103,7 @@ def train_flux(cfg):
 
 
 def _train(cfg, topo):
-    from ..train.loop import (TrainingDiverged, TrainResult, WarmupCosine, build_optimizer, clip_grad_norm,
+    from ..train.loop import (TrainingDiverged, TrainResult, build_optimizer, build_schedule, clip_grad_norm,
                               resolve_run_dir)
 
     rank0 = topo.rank == 0
@@ -120,8 +120,7 @@ def _train(cfg, topo):
     n_params = sum(q.numel() for q in model.parameters())
     optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps
-    scheduler = WarmupCosine(optimizer, cfg.adam.lr, total, round(cfg.lr_scheduler.warmup_ratio * total),
-                             cfg.lr_scheduler.eta_min, cfg.lr_scheduler.init_steps)
+    scheduler = build_schedule(optimizer, cfg)
     start_step, last_ckpt = 0, None
     resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
     if resume is not None:

@@ -91,6 +91,13 @@ class WarmupCosine:
         self._apply()
 
 
+def build_schedule(optimizer, cfg: Config) -> WarmupCosine:
+    """The config's learning-rate schedule: linear warmup (``lr_scheduler.warmup_ratio``), cosine to ``eta_min``."""
+    total, sched = cfg.total_steps, cfg.lr_scheduler
+    return WarmupCosine(optimizer, cfg.adam.lr, total, round(sched.warmup_ratio * total), sched.eta_min,
+                        sched.init_steps)
+
+
 def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (not on norms and biases)."""
     decay, no_decay = [], []
@@ -156,8 +163,7 @@ def _train(cfg: Config, topo) -> TrainResult:
     n_params, n_flop_params = count_params(model)
     optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps
-    scheduler = WarmupCosine(optimizer, cfg.adam.lr, total, round(cfg.lr_scheduler.warmup_ratio * total),
-                             cfg.lr_scheduler.eta_min, cfg.lr_scheduler.init_steps)
+    scheduler = build_schedule(optimizer, cfg)
 
     start_step, last_ckpt = 0, None
     resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
