@@ -70,8 +70,8 @@ def test_flux_trains_from_a_latent_folder(tmp_path):
 
 
 @pytest.mark.parametrize("sizes, captions, embedded, message", [
-    ([(8, 8), (10, 8)], ["a", "a"], ["a"], r"metadata.jsonl, line 2: 1.png is 10x8 .* not divisible by patch_size=4"),
-    ([(8, 8), (8, 8)], ["a", "zebra"], ["a"], r"metadata.jsonl, line 2: caption 'zebra' has no embedding in"),
+    ([(8, 8), (10, 8)], ["a", "a"], ["a"], r"metadata.jsonl line 2: 1.png is 10x8 .* not divisible by patch_size=4"),
+    ([(8, 8), (8, 8)], ["a", "zebra"], ["a"], r"metadata.jsonl line 2: caption 'zebra' has no embedding in"),
 ])
 def test_flux_folder_bad_input(tmp_path, capsys, sizes, captions, embedded, message):
     folder = _folder(tmp_path / "img", sizes, captions, embedded)

@@ -74,7 +74,7 @@ def test_bad_records_name_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     good = {"image": "a.png", "messages": [{"role": "user", "content": "<image>\nq"},
                                            {"role": "assistant", "content": "a"}]}
-    for line, message in [("{not json", "line 2: not valid JSON"),
+    for line, message in [("{not json", "line 2: invalid JSON"),
                           (json.dumps({"image": "missing.png", "messages": []}),
                            "line 2: image 'missing.png' not found"),
                           (json.dumps({"image": "a.png"}), "line 2: a record needs 'messages'")]:

@@ -15,13 +15,13 @@ Every image side must be divisible by ``diffusion.patch_size``; every caption ne
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data.sources import iter_records
 from .objective import interpolate, sample_timesteps
 from .packing import FluxSample, image_position_ids
 
@@ -126,16 +126,9 @@ class FolderDataset:
                                  "metadata.jsonl and captions.pt (see seqpack.diffusion.data)")
         self.embeddings = torch.load(caps, weights_only=True)
         self.records, self._sizes, channels = [], [], None
-        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{meta}, line {n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            if not isinstance(rec, dict) or not {"file", "caption"} <= rec.keys():
-                raise ValueError(f"{where}: expected an object with \"file\" and \"caption\", got {line[:80]!r}")
+        for where, rec in iter_records(meta):  # JSON Lines; invalid JSON names the file and line
+            if not {"file", "caption"} <= rec.keys():
+                raise ValueError(f"{where}: expected an object with \"file\" and \"caption\", got {str(rec)[:80]}")
             path = self.folder / rec["file"]
             if not path.is_file():
                 raise ValueError(f"{where}: file {rec['file']!r} does not exist in {self.folder}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.sources import iter_records
 from .batch import MultimodalBatch, encode_sample, pack_multimodal, sample_images
 
 
@@ -38,15 +39,8 @@ def read_records(path: str | Path) -> list[dict]:
                          '{"image": path, "messages": [...]} records (or a folder of them)')
     records = []
     for f in files:
-        for line_no, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{f} line {line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{where}: not valid JSON ({err.msg})") from err
-            if not isinstance(rec, dict) or not isinstance(rec.get("messages"), list):
+        for where, rec in iter_records(f):  # JSON Lines; invalid JSON names the file and line
+            if not isinstance(rec.get("messages"), list):
                 raise ValueError(f"{where}: a record needs 'messages' (a list of {{'role', 'content'}}) and "
                                  "optionally 'image' (a path) or 'images' (a list of paths)")
             images = []
