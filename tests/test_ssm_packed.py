@@ -271,8 +271,15 @@ def test_from_scratch_mamba2_config_takes_heads_from_the_model_section():
 
 
 def test_dispatch_adapts_a_model_built_from_transformers_class_directly():
-    """Direct construction bypasses the Auto registration (no guard), but seqpack.dispatch adapts it all the same."""
+    """Direct construction bypasses the Auto registration, yet a packed row still raises until seqpack.dispatch
+    adapts the model; unpacked calls run unchanged."""
     ref, model = model_pair("mamba")
+    plain = MambaForCausalLM(tiny_config("mamba"))
+    plain.load_state_dict(ref.state_dict())
+    with pytest.raises(ValueError, match="packed row of 3 documents, but this model is not adapted"):
+        plain(**seqpack.pack(docs_of([3, 8, 1])).model_inputs())
+    one = docs_of([5])[0][None]
+    torch.testing.assert_close(plain(input_ids=one).logits, ref(input_ids=one).logits, atol=0, rtol=0)
     direct = seqpack.dispatch(MambaForCausalLM(tiny_config("mamba")))
     direct.load_state_dict(ref.state_dict())
     assert type(direct) is MambaForCausalLM and direct.seqpack_ssm.adapted

@@ -19,9 +19,10 @@ it lives: transformers' classes swallow the metadata in ``**kwargs``, so neither
 nor the batch can see which model receives it, and there is no per-class hook in torch short of patching the
 classes. So seqpack registers, through transformers' public ``AutoModelForCausalLM.register`` (as it does for its
 native families), a subclass of each Mamba class — same name, same weights and config — whose ``__init__``
-installs the adapter when built with ``attn_implementation="seqpack"`` and the guard otherwise. Every model built
-through the Auto classes or ``seqpack.load_model`` after ``import seqpack`` is therefore adapted or guarded;
-transformers' own classes stay untouched (constructing ``MambaForCausalLM(config)`` directly bypasses the guard).
+installs the adapter when built with ``attn_implementation="seqpack"`` and the guard otherwise. A model built from
+transformers' own class directly (``MambaForCausalLM(config)`` or ``.from_pretrained``) has neither; for it the
+class's ``forward`` gains one check (``_guard_direct_instances``) that refuses a packed row and changes nothing
+else. After ``import seqpack`` no Mamba / Mamba-2 causal LM runs a packed row of several documents unadapted.
 """
 
 from __future__ import annotations
@@ -87,19 +88,28 @@ def install_guard(model):
     return model
 
 
-def _enter(model, args, kwargs):
-    ctx = model.seqpack_ssm
+def _call_segments(args, kwargs) -> Segments | None:
+    """The documents of a forward call's packed row (None: not packed)."""
     x = kwargs.get("input_ids", args[0] if args else None)
     x = x if x is not None else kwargs.get("inputs_embeds")
-    segs = None if x is None else segments_from_inputs(kwargs, x.shape[1], x.shape[0])
+    return None if x is None else segments_from_inputs(kwargs, x.shape[1], x.shape[0])
+
+
+def _not_adapted(model, segs: Segments) -> ValueError:
+    return ValueError(
+        f"{type(model).__name__} got a packed row of {segs.num_docs} documents, but this model is not adapted "
+        "for packing: its causal convolution and recurrent state would run across document boundaries. Call "
+        "seqpack.dispatch(model) first (or build it with attn_implementation='seqpack')")
+
+
+def _enter(model, args, kwargs):
+    ctx = model.seqpack_ssm
+    segs = _call_segments(args, kwargs)
     ctx.current = None
     if segs is None:
         return None
     if not ctx.adapted:
-        raise ValueError(
-            f"{type(model).__name__} got a packed row of {segs.num_docs} documents, but this model is not adapted "
-            "for packing: its causal convolution and recurrent state would run across document boundaries. Call "
-            "seqpack.dispatch(model) first (or build it with attn_implementation='seqpack')")
+        raise _not_adapted(model, segs)
     if kwargs.get("cache") is not None or kwargs.get("cache_params") is not None:
         raise ValueError("a packed row cannot continue from a cache: one recurrent state cannot hold several "
                          "documents; pass cache=None")
@@ -177,9 +187,31 @@ def _guarded_class(cls):
     return _GUARDED[cls]
 
 
+def _guard_direct_instances(cls) -> None:
+    """transformers' own ``cls`` built directly (``MambaForCausalLM(config)``, ``MambaForCausalLM.from_pretrained``)
+    refuses a packed row of several documents too: its ``forward`` gains that one check, for instances that have
+    neither the adapter nor the guard (those check in their pre-hook). Results are never changed (idempotent)."""
+    if getattr(cls.forward, "seqpack_guard", False):
+        return
+    original = cls.forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        if self.__dict__.get("seqpack_ssm") is None:
+            segs = _call_segments(args, kwargs)
+            if segs is not None:
+                raise _not_adapted(self, segs)
+        return original(self, *args, **kwargs)
+
+    forward.seqpack_guard = True
+    cls.forward = forward
+
+
 def register_ssm_models() -> None:
-    """Register the adapting/guarding Mamba and Mamba-2 classes with AutoModelForCausalLM (idempotent)."""
+    """Register the adapting/guarding Mamba and Mamba-2 classes with AutoModelForCausalLM, and guard instances of
+    transformers' own classes built directly (idempotent)."""
     from transformers import AutoModelForCausalLM, Mamba2Config, Mamba2ForCausalLM, MambaConfig, MambaForCausalLM
 
     for config_cls, cls in ((MambaConfig, MambaForCausalLM), (Mamba2Config, Mamba2ForCausalLM)):
         AutoModelForCausalLM.register(config_cls, _guarded_class(cls), exist_ok=True)
+        _guard_direct_instances(cls)
