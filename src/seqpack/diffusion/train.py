@@ -19,7 +19,6 @@ wired (FSDP2's hooks run on module ``forward`` calls, and the packed forward cal
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -30,7 +29,7 @@ import torch.distributed as dist
 
 from ..parallel import all_reduce_gradients, init_topology
 from ..parallel.comm import all_reduce_sum
-from ..train.checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from ..train.checkpoint import save_checkpoint
 from ..train.metrics import DevicePeak, MetricsLogger, peak_memory_mib
 from .data import FluxLoader, FolderDataset, ShapesDataset, grid_image, unpatchify
 from .flux import SeqpackFluxAttnProcessor, install, packed_forward
@@ -104,15 +103,10 @@ def train_flux(cfg):
 
 def _train(cfg, topo):
     from ..train.loop import (TrainingDiverged, TrainResult, build_optimizer, build_schedule, clip_grad_norm,
-                              resolve_run_dir)
+                              prepare_run_dir, resume_latest)
 
     rank0 = topo.rank == 0
-    run_dir = resolve_run_dir(cfg)
-    ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "seqpack_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-        remove_partial(ckpt_dir)
+    run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
     loader = build_data(cfg, topo)
     x0, txt, pooled = loader.dataset.item(0)
     p = cfg.diffusion.patch_size
@@ -121,10 +115,8 @@ def _train(cfg, topo):
     optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps
     scheduler = build_schedule(optimizer, cfg)
-    start_step, last_ckpt = 0, None
-    resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
-    if resume is not None:
-        start_step, last_ckpt = load_checkpoint(resume, model, optimizer, scheduler, loader)["step"], resume
+    start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    last_ckpt = resume
     last = min(total, cfg.train.max_steps or total)
     metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
                             log_every=cfg.train.log_every)

@@ -150,12 +150,7 @@ def _train(cfg: Config, topo) -> TrainResult:
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     rank0 = topo.rank == 0
-    run_dir = resolve_run_dir(cfg)
-    ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
-        remove_partial(ckpt_dir)
+    run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
 
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, len(getattr(tokenizer, "tokenizer", tokenizer)), topo)  # a processor holds one
@@ -165,11 +160,8 @@ def _train(cfg: Config, topo) -> TrainResult:
     total = cfg.total_steps
     scheduler = build_schedule(optimizer, cfg)
 
-    start_step, last_ckpt = 0, None
-    resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
-    if resume is not None:
-        state = load_checkpoint(resume, model, optimizer, scheduler, loader)
-        start_step, last_ckpt = state["step"], resume
+    start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    last_ckpt = resume
     last = min(total, cfg.train.max_steps or total)
     metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
                             log_every=cfg.train.log_every)
@@ -258,6 +250,26 @@ def _train(cfg: Config, topo) -> TrainResult:
 def _shard_rows(rows, topo) -> list:
     """This rank's micro-batches of one step: the rows, or their SP shards [1, T/S]."""
     return [shard_batch(b, topo.sp_size, topo.sp_rank) for b in rows] if topo.sp_size > 1 else list(rows)
+
+
+def prepare_run_dir(cfg: Config, rank0: bool) -> tuple[Path, Path]:
+    """(run folder, checkpoint folder). Rank 0 creates the run folder, writes ``seqpack_config.json`` atomically and
+    removes partial checkpoints a crash left behind."""
+    run_dir = resolve_run_dir(cfg)
+    ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
+    if rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
+        remove_partial(ckpt_dir)
+    return run_dir, ckpt_dir
+
+
+def resume_latest(cfg: Config, ckpt_dir: Path, model, optimizer, scheduler, loader) -> tuple[int, Path | None]:
+    """(step, checkpoint) after restoring the latest complete checkpoint when ``ckpt.auto_resume``; else (0, None)."""
+    resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
+    if resume is None:
+        return 0, None
+    return load_checkpoint(resume, model, optimizer, scheduler, loader)["step"], resume
 
 
 def _write_json(path: Path, obj) -> None:
