@@ -21,8 +21,9 @@ import argparse
 import json
 import os
 import statistics
-import tempfile
 import time
+
+from .sp import spawn_ranks, write_rank_result
 
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
              num_attention_heads=8, joint_attention_dim=256, pooled_projection_dim=128, axes_dims_rope=(8, 12, 12))
@@ -148,8 +149,7 @@ def _worker(rank: int, world: int, init_file: str, mode: str, n: int, steps: int
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         result = dict(mode=mode, sp=world, tokens=tokens, local_T=local, real=sum(TEXT + h * w for h, w in grids),
                       **_measure(step, params, steps))
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(out_dir, rank, result)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -157,11 +157,7 @@ def _worker(rank: int, world: int, init_file: str, mode: str, n: int, steps: int
 
 def measure(mode: str, sp: int, n: int, steps: int, seed: int) -> dict:
     """``mode`` ("packed" or "padded") on ``sp`` fresh processes; maxima over ranks."""
-    import torch.multiprocessing as mp
-
-    with tempfile.TemporaryDirectory(prefix="seqpack-bench-flux-") as tmp:
-        mp.spawn(_worker, args=(sp, os.path.join(tmp, "pg"), mode, n, steps, seed, tmp), nprocs=sp, join=True)
-        ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(sp)]
+    ranks = spawn_ranks(_worker, sp, mode, n, steps, seed)
     out = dict(ranks[0])
     out.update({k: max(r[k] for r in ranks) for k in ("local_T", "saved_mib", "peak_growth_mib", "step_s")})
     return out

@@ -100,24 +100,38 @@ def _rank_main(rank: int, world: int, init_file: str, T: int, steps: int, seed: 
         result = dict(rank=rank, sp=world, T=T, local_T=shard.num_tokens, saved_mib=saved_bytes / 2**20,
                       peak_growth_mib=(peak - base) / 1024 if reset else float("nan"), peak_rss_mib=peak / 1024,
                       step_s=statistics.median(times))
-        with open(os.path.join(out_dir, f"rank{rank}.json.tmp"), "w") as f:
-            json.dump(result, f)
-        os.replace(os.path.join(out_dir, f"rank{rank}.json.tmp"), os.path.join(out_dir, f"rank{rank}.json"))
+        write_rank_result(out_dir, rank, result)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def measure(sp: int, T: int, steps: int = 1, seed: int = 0) -> dict:
-    """Run one configuration in ``sp`` fresh processes; per-rank maxima of memory and time."""
+def spawn_ranks(worker, world: int, *args) -> list[dict]:
+    """Run ``worker(rank, world, init_file, *args, out_dir)`` in ``world`` fresh processes (the process group
+    rendezvous through ``init_file`` in a temporary folder); each writes its result with
+    :func:`write_rank_result`. Returns the results in rank order."""
     import torch.multiprocessing as mp
 
-    with tempfile.TemporaryDirectory(prefix="seqpack-bench-sp-") as tmp:
-        mp.spawn(_rank_main, args=(sp, os.path.join(tmp, "pg"), T, steps, seed, tmp), nprocs=sp, join=True)
+    with tempfile.TemporaryDirectory(prefix="seqpack-bench-") as tmp:
+        mp.spawn(worker, args=(world, os.path.join(tmp, "pg"), *args, tmp), nprocs=world, join=True)
         ranks = []
-        for r in range(sp):
+        for r in range(world):
             with open(os.path.join(tmp, f"rank{r}.json")) as f:
                 ranks.append(json.load(f))
+    return ranks
+
+
+def write_rank_result(out_dir: str, rank: int, result: dict) -> None:
+    """A worker's result as ``out_dir/rank{rank}.json``, written whole or not at all."""
+    tmp = os.path.join(out_dir, f"rank{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f)
+    os.replace(tmp, os.path.join(out_dir, f"rank{rank}.json"))
+
+
+def measure(sp: int, T: int, steps: int = 1, seed: int = 0) -> dict:
+    """Run one configuration in ``sp`` fresh processes; per-rank maxima of memory and time."""
+    ranks = spawn_ranks(_rank_main, sp, T, steps, seed)
     return dict(sp=sp, T=T, local_T=ranks[0]["local_T"], saved_mib=max(r["saved_mib"] for r in ranks),
                 peak_growth_mib=max(r["peak_growth_mib"] for r in ranks),
                 peak_rss_mib=max(r["peak_rss_mib"] for r in ranks), step_s=max(r["step_s"] for r in ranks))

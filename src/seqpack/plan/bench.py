@@ -20,9 +20,8 @@ import argparse
 import gc
 import json
 import os
-import tempfile
 
-from ..bench.sp import _reset_peak, _status_kib
+from ..bench.sp import _reset_peak, _status_kib, spawn_ranks, write_rank_result
 
 # (hidden, layers, heads, kv heads, intermediate, vocab, T, checkpoint fraction, sp): each under ~2 GiB per process
 CONFIGS = [
@@ -85,8 +84,7 @@ def _rank_main(rank: int, world: int, init_file: str, cfg: tuple, out_dir: str) 
         step()
         peak = _status_kib("VmHWM")
         result = dict(rank=rank, growth_mib=(peak - base) / 1024 if reset else float("nan"), rss_mib=peak / 1024)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+        write_rank_result(out_dir, rank, result)
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -94,13 +92,9 @@ def _rank_main(rank: int, world: int, init_file: str, cfg: tuple, out_dir: str) 
 
 def measure(cfg: tuple) -> dict:
     """Peak step growth (MiB, max over ranks) of one configuration, in fresh processes."""
-    import torch.multiprocessing as mp
-
     sp = cfg[-1]
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by glibc when the spawned interpreters start
-    with tempfile.TemporaryDirectory(prefix="seqpack-bench-plan-") as tmp:
-        mp.spawn(_rank_main, args=(sp, os.path.join(tmp, "pg"), cfg, tmp), nprocs=sp, join=True)
-        ranks = [json.load(open(os.path.join(tmp, f"rank{r}.json"))) for r in range(sp)]
+    ranks = spawn_ranks(_rank_main, sp, cfg)
     return dict(growth_mib=max(r["growth_mib"] for r in ranks), rss_mib=max(r["rss_mib"] for r in ranks))
 
 
