@@ -7,7 +7,7 @@ import torch
 
 import seqpack
 from seqpack.attention.kernels import AttnSpec, length_buckets, resolve_backend, varlen_attention
-from seqpack.batch import PackedBatch
+from seqpack.batch import TENSOR_FIELDS, PackedBatch
 
 from conftest import model_pair
 
@@ -147,3 +147,18 @@ def test_backend_choice_and_errors():
     if not torch.cuda.is_available():  # without CUDA the request fails over with a clear message
         with pytest.raises(ValueError, match="needs torch.nn.attention.varlen|not installed|CUDA"):
             resolve_backend("torch_varlen", torch.device("cuda"), AttnSpec(scale=1.0, softcap=2.0))
+
+
+def test_map_tensors_maps_every_tensor_of_packed_and_sharded_batches():
+    """What the prefetcher uses to pin and move batches: every tensor field mapped, host metadata kept."""
+    from seqpack.parallel import shard_batch
+
+    batch = seqpack.pack([[5, 6, 7], [8, 9]])
+    for b in (batch, shard_batch(batch, 2, 1)):
+        seen = []
+        out = b.map_tensors(lambda t: seen.append(t) or t + 0)
+        assert type(out) is type(b) and out is not b and out.max_seqlen == b.max_seqlen
+        assert [id(t) for t in seen] == [id(getattr(b, f)) for f in TENSOR_FIELDS]
+        for f in TENSOR_FIELDS:
+            assert torch.equal(getattr(out, f), getattr(b, f)) and getattr(out, f) is not getattr(b, f)
+    assert shard_batch(batch, 2, 1).map_tensors(torch.clone).sp_rank == 1

@@ -11,6 +11,8 @@ Shape legend: T tokens in the row, n documents (a trailing pad segment counts as
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 
 IGNORE_INDEX = -100
+TENSOR_FIELDS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")  # of PackedBatch and ShardedBatch
 
 
 @dataclass
@@ -67,6 +70,15 @@ class PackedBatch:
         if with_labels:
             inputs.update(labels=self.shift_labels, shift_labels=self.shift_labels)
         return inputs
+
+    def map_tensors(self, fn) -> "PackedBatch":
+        """A copy with ``fn`` applied to every tensor, e.g. ``lambda t: t.to(device, non_blocking=True)`` or
+        ``torch.Tensor.pin_memory``; not re-validated (the batch was checked when it was made, and a check on the
+        device would make the host wait)."""
+        out = copy.copy(self)
+        for name in TENSOR_FIELDS:
+            setattr(out, name, fn(getattr(self, name)))
+        return out
 
     def to(self, device) -> "PackedBatch":
         return PackedBatch(

@@ -18,7 +18,6 @@ message's content) is expanded to as many placeholder tokens as the image has fe
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, replace
 from typing import Sequence
@@ -90,10 +89,8 @@ class MultimodalBatch:
     def map_tensors(self, fn) -> "MultimodalBatch":
         """A copy with ``fn`` applied to every tensor (ids, labels, positions, cu_seqlens, pixel values), e.g.
         ``lambda t: t.to(device, non_blocking=True)`` or ``torch.Tensor.pin_memory``; no re-validation."""
-        text = copy.copy(self.text)
-        for name in ("input_ids", "shift_labels", "position_ids", "cu_seqlens"):
-            setattr(text, name, fn(getattr(self.text, name)))
-        return replace(self, text=text, pixel_values=fn(self.pixel_values) if self.pixel_values is not None else None)
+        pixels = fn(self.pixel_values) if self.pixel_values is not None else None
+        return replace(self, text=self.text.map_tensors(fn), pixel_values=pixels)
 
     def to(self, device) -> "MultimodalBatch":
         return self.map_tensors(lambda t: t.to(device))

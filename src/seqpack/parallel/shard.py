@@ -63,6 +63,10 @@ class ShardedBatch:
         """Keyword arguments for ``model(**...)``, as :meth:`PackedBatch.model_inputs` (global metadata)."""
         return PackedBatch.model_inputs(self, with_labels)
 
+    def map_tensors(self, fn) -> "ShardedBatch":
+        """A copy with ``fn`` applied to every tensor, as :meth:`PackedBatch.map_tensors`."""
+        return PackedBatch.map_tensors(self, fn)
+
     def to(self, device) -> "ShardedBatch":
         return ShardedBatch(self.input_ids.to(device), self.shift_labels.to(device), self.position_ids.to(device),
                             self.cu_seqlens.to(device), self.max_seqlen, self.sp_size, self.sp_rank)

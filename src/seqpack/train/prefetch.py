@@ -21,8 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-_TENSORS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")
-
 
 @dataclass
 class PreparedStep:
@@ -43,23 +41,11 @@ class LoaderAt:
         return self.state
 
 
-def map_batch(batch, fn):
-    """A copy of a PackedBatch / ShardedBatch with ``fn`` applied to its tensors (no re-validation: the batch was
-    checked when it was made, and a check on the device would make the host wait). Batches with tensors of their own
-    (LLaVA's ``MultimodalBatch``: pixel values) map them with their ``map_tensors``."""
-    if hasattr(batch, "map_tensors"):
-        return batch.map_tensors(fn)
-    out = copy.copy(batch)
-    for name in _TENSORS:
-        setattr(out, name, fn(getattr(batch, name)))
-    return out
-
-
 def to_device(batch, device: torch.device):
     """``batch`` on ``device``; asynchronous from pinned memory on CUDA."""
     if device.type == "cpu":
         return batch
-    return map_batch(batch, lambda t: t.to(device, non_blocking=True))
+    return batch.map_tensors(lambda t: t.to(device, non_blocking=True))
 
 
 class Prefetcher:
@@ -80,7 +66,7 @@ class Prefetcher:
                 state = copy.deepcopy(self.loader.state_dict())
                 micro = self.prepare(rows)
                 if self.pin:
-                    micro = [map_batch(b, torch.Tensor.pin_memory) for b in micro]
+                    micro = [b.map_tensors(torch.Tensor.pin_memory) for b in micro]
                 self._put(PreparedStep(rows, micro, state))
         except BaseException as err:  # noqa: BLE001 - handed to the training thread
             self._put(err)
