@@ -49,9 +49,14 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+    # A parameter that gets a gradient on some ranks only (a routed expert of its own, a branch not every row takes)
+    # must still join the reduce-scatter on every rank, with a zero gradient: newer FSDP2 does that (torch 2.13).
+    # Older FSDP2 drops such parameters from the collective; transformers 5's MoE layers stack their experts into
+    # one parameter, so the models seqpack supports do not produce them.
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-            m.set_reduce_scatter_unused_params(True, recurse=False)  # MoE: ranks may route to different experts
+            if hasattr(m, "set_reduce_scatter_unused_params"):  # torch 2.13 has it, 2.11 not; see above
+                m.set_reduce_scatter_unused_params(True, recurse=False)
     return model
