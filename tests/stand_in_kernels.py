@@ -43,7 +43,7 @@ def _attend(q, k, v, cu, scale, left, right, softcap=0.0, alibi_slopes=None):
 
 
 def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-    """torch 2.9 / 2.10 ``torch.nn.attention.varlen.varlen_attn``: is_causal, default scale, no window, no GQA."""
+    """torch 2.10 ``torch.nn.attention.varlen.varlen_attn`` (2.9 has none): is_causal, default scale, no window, no GQA."""
     CALLS.append(dict(fn="2.10", q=query, k=key, v=value, is_causal=is_causal))
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("varlen_attn 2.10 stand-in: query and key/value must have the same number of heads")

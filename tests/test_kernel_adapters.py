@@ -1,5 +1,5 @@
 """The CUDA kernel adapters and the backend resolver, on CPU: stand-in kernels with each real signature (torch
-2.9/2.10, 2.11, 2.12+ ``varlen_attn``, flash-attn 2.6 ``flash_attn_varlen_func``) run every branch of the adapter
+2.10, 2.11, 2.12+ ``varlen_attn``, flash-attn 2.6 ``flash_attn_varlen_func``) run every branch of the adapter
 and must equal the exact SDPA path; the resolver is checked with device objects and patched availability."""
 
 import pytest
@@ -94,6 +94,22 @@ def test_adapter_non_causal(sig):
     assert call.get("is_causal", call.get("causal", False)) is False
     assert call.get("window_size", (-1, -1)) == (-1, -1)
     assert _adapter(sig).refusal(AttnSpec(scale=0.3, causal=False, sliding_window=3), torch.bfloat16, D) is not None
+
+
+def test_stand_in_has_the_installed_torch_signature():
+    """The stand-in for this torch's release has exactly the real ``varlen_attn`` parameter list (names, kinds,
+    defaults), so the stand-ins cannot drift from torch; run on each torch the suite is run with."""
+    import inspect
+
+    varlen = pytest.importorskip("torch.nn.attention.varlen", reason="torch < 2.10 has no varlen_attn")
+    release = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
+    stand_in = si.SIGNATURES["2.10" if release <= (2, 10) else "2.11" if release == (2, 11) else "2.12"]
+
+    def params(fn):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+    assert params(stand_in) == params(varlen.varlen_attn)
+    assert backends.adapt_torch_varlen(varlen.varlen_attn).params == backends.adapt_torch_varlen(stand_in).params
 
 
 def test_unknown_signatures_are_rejected():

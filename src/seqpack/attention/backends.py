@@ -4,7 +4,7 @@ Shape legend: T packed tokens, N query heads, Nkv key/value heads, D head dim.
 
 Each installed kernel is adapted ONCE from its signature (``inspect.signature``), not per call:
 
-- torch 2.9 / 2.10 ``varlen_attn(..., max_q, max_k, is_causal=False, return_aux=None)``: ``is_causal``, no
+- torch 2.10 ``varlen_attn(..., max_q, max_k, is_causal=False, return_aux=None)``: ``is_causal``, no
   window (refused), no scale (q pre-scaled when the factor to 1/sqrt(D) is a power of two, exact; else refused),
   KV heads repeated to N.
 - torch 2.11 ``varlen_attn(..., *, return_aux, scale, window_size)``: ``window_size=(W-1, 0)`` / ``(-1, 0)``
@@ -123,7 +123,7 @@ def _prescale_factor(scale: float, head_dim: int) -> float | None:
 
 
 def adapt_torch_varlen(fn: Callable) -> KernelAdapter:
-    """Adapter for ``torch.nn.attention.varlen.varlen_attn`` (any torch from 2.9) from its signature."""
+    """Adapter for ``torch.nn.attention.varlen.varlen_attn`` (any torch from 2.10, the first with it) from its signature."""
     params = frozenset(inspect.signature(fn).parameters)
     if "window_size" not in params and "is_causal" not in params:
         raise TypeError(f"unrecognised varlen_attn signature {inspect.signature(fn)}: neither window_size nor "
@@ -179,7 +179,7 @@ def kernel_refusal(name: str, device: torch.device, spec: AttnSpec, dtype: torch
     adapter = kernel(name)
     if adapter is None:
         return ("needs the flash-attn package (pip install flash-attn)" if name == "flash_attn" else
-                f"needs torch.nn.attention.varlen (torch >= 2.9; this is torch {torch.__version__})")
+                f"needs torch.nn.attention.varlen (torch >= 2.10; this is torch {torch.__version__})")
     reason = adapter.refusal(spec, dtype, head_dim)
     return None if reason is None else f"cannot run this call: {reason}"
 

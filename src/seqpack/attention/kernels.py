@@ -6,7 +6,7 @@ Token t attends to token s only when both are in the same document, s <= t, and 
 
 Backends (chosen per call by :func:`seqpack.attention.backends.resolve_backend`):
 - ``flash_attn``: flash-attn's ``flash_attn_varlen_func`` (CUDA, fp16/bf16): window, softcap, dropout, ALiBi, GQA.
-- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.9): window and GQA
+- ``torch_varlen``: ``torch.nn.attention.varlen.varlen_attn`` (CUDA, fp16/bf16, torch >= 2.10): window and GQA
   where the installed signature has them; no softcap, no dropout. Both adapted once in ``backends.py``.
 - ``sdpa``: any device. Documents are grouped into buckets of similar length, right-padded to the bucket's
   longest, and run as one causal ``scaled_dot_product_attention`` batch per bucket. Right padding never changes a

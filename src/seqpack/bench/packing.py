@@ -181,19 +181,25 @@ def _padded_rows(docs, dev):
 
 
 def _per_document_loss(model, docs, dev) -> float:
-    """The exact loss: token mean over every document's targets, each document alone through the model."""
+    """The exact loss: token mean over every document's targets, each document alone through the same weights with
+    transformers' plain ``sdpa`` (the same reference for every method; flex_attention would recompile per length)."""
     import torch
 
     import seqpack
 
     total, count = 0.0, 0
-    with torch.no_grad():
-        for d in docs:
-            if len(d) < 2:
-                continue
-            logits = model(input_ids=d[None].to(dev), use_cache=False).logits
-            total += float(seqpack.loss.token_loss_sum(logits[:, :-1], d[None, 1:].to(dev)))
-            count += len(d) - 1
+    own = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            for d in docs:
+                if len(d) < 2:
+                    continue
+                logits = model(input_ids=d[None].to(dev), use_cache=False).logits
+                total += float(seqpack.loss.token_loss_sum(logits[:, :-1], d[None, 1:].to(dev)))
+                count += len(d) - 1
+    finally:
+        model.set_attn_implementation(own)
     return total / count
 
 

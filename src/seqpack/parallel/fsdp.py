@@ -49,14 +49,36 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
-    # A parameter that gets a gradient on some ranks only (a routed expert of its own, a branch not every row takes)
-    # must still join the reduce-scatter on every rank, with a zero gradient: newer FSDP2 does that (torch 2.13).
-    # Older FSDP2 drops such parameters from the collective; transformers 5's MoE layers stack their experts into
-    # one parameter, so the models seqpack supports do not produce them.
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
-            if hasattr(m, "set_reduce_scatter_unused_params"):  # torch 2.13 has it, 2.11 not; see above
-                m.set_reduce_scatter_unused_params(True, recurse=False)
+            reduce_unused_parameters(m)
     return model
+
+
+def reduce_unused_parameters(module) -> None:
+    """Make every rank reduce-scatter every parameter of ``module``'s FSDP group, with a zero gradient where it got
+    none on this rank (a LLaVA vision tower on a rank whose row has no image, a branch not every row takes).
+
+    Without this, a rank that has no gradient for some parameter leaves it out of the reduce-scatter while another
+    rank puts it in: the collectives disagree (gloo aborts, nccl may hang or mix up tensors). torch 2.13's FSDP2 does
+    it when asked (``set_reduce_scatter_unused_params``); torch 2.9-2.11 lack that switch, so there each group's
+    ``post_backward`` first gives such parameters zero gradients, which is what the switch does."""
+    if hasattr(module, "set_reduce_scatter_unused_params"):
+        module.set_reduce_scatter_unused_params(True, recurse=False)
+        return
+    group = module._get_fsdp_state()._fsdp_param_group  # FSDP2 internals of torch 2.9-2.11
+    if group is None:
+        return
+    post_backward = group.post_backward
+
+    def post_backward_with_unused(*args):
+        if group.reduce_grads:  # the gradients are reduced in this backward: give every parameter one
+            for p in group.fsdp_params:
+                if hasattr(p, "_unsharded_param") and p.unsharded_param.requires_grad \
+                        and p.unsharded_accumulated_grad is None and p.unsharded_param.grad is None:
+                    p.unsharded_param.grad = torch.zeros_like(p.unsharded_param)
+        return post_backward(*args)
+
+    group.post_backward = post_backward_with_unused

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU checks of seqpack, in one command, for a lent GPU machine with a short time budget (see README, "GPU").
+#
+#   bash tools/gpu_check.sh [main|flex|all]      # main (default): tests + bench packing + a seqpack train run
+#
+# Writes every log under $OUT (default ./gpu_out): env.txt, pytest.log, bench_16k.log, bench_long.log, train.log,
+# flex.log, the JSON results, and a one-line summary per part in summary.txt. Each part has its own time limit,
+# so one part that hangs or fails leaves the others' results. Wheels the machine lacks (tools/gpu_wheels.sh
+# downloads them into .whl/) are installed into /tmp/site first when .whl/ is there.
+#
+# Sizes (overridable): the issue's TinyLlama shape at T = 16K (seqpack, sdpa-packed, sdpa-posids) and 64K / 128K
+# (seqpack, sdpa-posids: the exact sdpa-packed builds a dense T x T mask, 4 GiB at 64K, and its masked kernel does
+# all T^2 work); flex_attention separately, because its first call compiles for minutes.
+# GPU_CHECK_DRY=1 runs the same commands on the CPU at toy sizes, to check this script without a GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PART="${1:-main}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 SEQPACK_CACHE="${SEQPACK_CACHE:-/tmp/seqpack_cache}"
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed" | tee -a "$OUT/summary.txt"; exit 1; }
+    export PYTHONPATH="/tmp/site:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+else
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
+    DEVICE=cpu; MODEL=tiny; SHORT=512; LONG="1024"; STEPS=1; TRAIN_ARGS=(--model.hidden_size 64 --model.num_layers 2
+        --model.num_attention_heads 4 --model.num_kv_attention_heads 2 --data.seq_len 512 --data.max_docs 400)
+else
+    DEVICE=cuda; MODEL=tinyllama; SHORT="${GPU_CHECK_SHORT:-16384}"; LONG="${GPU_CHECK_LONG:-65536 131072}"
+    STEPS="${GPU_CHECK_STEPS:-3}"; TRAIN_ARGS=(--model.hidden_size 2048 --model.num_layers 22
+        --model.num_attention_heads 32 --model.num_kv_attention_heads 4 --model.checkpoint True
+        --data.seq_len "$SHORT")
+fi
+
+part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, one summary line
+    local name="$1" limit="$2"; shift 2
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name: rc=$rc in $((SECONDS - start)) s" >>"$OUT/summary.txt"
+}
+
+{
+    date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+    "$PY" -c "import torch, transformers, sys; print(sys.version.split()[0], 'torch', torch.__version__,
+'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.is_available())"
+    "$PY" -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>/dev/null || echo "flash_attn: absent"
+    "$PY" -c "import liger_kernel; print('liger_kernel present')" 2>/dev/null || echo "liger_kernel: absent"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+if [ "$PART" = main ] || [ "$PART" = all ]; then
+    part pytest 300 "$PY" -m pytest -m cuda -rs -s -q -p no:cacheprovider \
+        tests/test_gpu.py tests/test_chunked_loss.py tests/test_fused_kernels.py
+    part bench_16k 240 "$PY" -m seqpack.bench.packing --device "$DEVICE" --model "$MODEL" --lengths $SHORT \
+        --methods seqpack sdpa-packed sdpa-posids --steps "$STEPS" --json "$OUT/bench_16k.json"
+    part bench_long 300 "$PY" -m seqpack.bench.packing --device "$DEVICE" --model "$MODEL" --lengths $LONG \
+        --methods seqpack sdpa-posids --steps "$STEPS" --json "$OUT/bench_long.json"
+    part train 180 "$PY" -m seqpack.cli train "${TRAIN_ARGS[@]}" --data.micro_num 1 --lr_scheduler.total_steps 12 \
+        --train.log_every 1 --train.tensorboard False --ckpt.enable_save_ckpt False --ckpt.export_hf False \
+        --train.run_dir /tmp/gpu_check_run
+    cp /tmp/gpu_check_run/metrics.jsonl "$OUT/train_metrics.jsonl" 2>/dev/null
+fi
+if [ "$PART" = flex ] || [ "$PART" = all ]; then
+    part flex 420 "$PY" -m seqpack.bench.packing --device "$DEVICE" --model "$MODEL" --lengths $SHORT \
+        --methods flex-packed flex-posids --steps "$STEPS" --json "$OUT/flex.json"
+fi
+cat "$OUT/summary.txt"
