@@ -10,7 +10,8 @@
 - flex-packed / flex-posids: the same two with ``attn_implementation="flex_attention"`` (a BlockMask; CUDA)
 - padded: the same documents one per row, padded to the longest in each micro-batch (at most T slots each)
 
-Every method's loss is printed next to the exact per-document loss (each document alone through the same model),
+Every method's loss is printed next to the exact per-document loss (each document alone through the same
+weights, with transformers' ``sdpa`` for every method),
 and a leak probe decides the "separates documents" column: the logits of a document must not change when the
 document packed before it changes (max |change| <= 1e-4; exact methods give 0).
 
