@@ -6,14 +6,18 @@
     loss = seqpack.causal_lm_loss(model(**batch.model_inputs()).logits, batch)
 """
 
-from .attention import dispatch, register
-from .batch import IGNORE_INDEX, PackedBatch, pack
-from .chunked_loss import chunked_causal_lm_loss, enable_chunked_loss
-from .data import build_packed_loader
-from .loss import causal_lm_loss
-from .models import load_model, register_models
-from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch
-from .ssm import register_ssm_models
+from .versions import check_versions
+
+check_versions()  # before anything that relies on them: a clear ImportError instead of a failure mid-run
+
+from .attention import dispatch, register  # noqa: E402
+from .batch import IGNORE_INDEX, PackedBatch, pack  # noqa: E402
+from .chunked_loss import chunked_causal_lm_loss, enable_chunked_loss  # noqa: E402
+from .data import build_packed_loader  # noqa: E402
+from .loss import causal_lm_loss  # noqa: E402
+from .models import load_model, register_models  # noqa: E402
+from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch  # noqa: E402
+from .ssm import register_ssm_models  # noqa: E402
 
 register()  # attn_implementation="seqpack"
 register_models()  # InternLM / InternLM2 / Baichuan2 official folders load without trust_remote_code
