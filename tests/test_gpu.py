@@ -17,6 +17,7 @@ from seqpack.attention.hf import backends_used
 from seqpack.models import InternLM2Config, register_models
 
 pytestmark = pytest.mark.cuda
+DEVICE = torch.device("cuda", 0)  # tests/test_gpu_code_on_cpu.py points this at the CPU (stand-in kernel) in CI
 
 DOCS = [37, 1, 150, 64, 9, 211]  # a 1-token document; longer than qwen2's window of 16
 FAMILIES = {  # family -> config overrides (head dim 32: every kernel takes it)
@@ -58,7 +59,7 @@ def no_tf32():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_packed_equals_per_document_on_gpu(family):
-    device = torch.device("cuda", 0)
+    device = DEVICE
     cfg = _config(family)
     ref, model = _model(cfg, "eager", device), _model(cfg, "seqpack", device)
     g = torch.Generator().manual_seed(1)
@@ -68,7 +69,7 @@ def test_packed_equals_per_document_on_gpu(family):
         per_doc_fp32 = torch.cat([ref(input_ids=d[None].to(device)).logits[0] for d in docs])
         packed_fp32 = model(**batch.model_inputs()).logits[0]
         assert (packed_fp32 - per_doc_fp32).abs().max() <= 1e-5, family
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             per_doc_bf16 = torch.cat([ref(input_ids=d[None].to(device)).logits[0] for d in docs])
             packed_bf16 = model(**batch.model_inputs()).logits[0]
     bf16_error, packed_error = _rel(per_doc_bf16, per_doc_fp32), _rel(packed_bf16, per_doc_fp32)
