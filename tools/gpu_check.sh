@@ -55,6 +55,11 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAM
     "$PY" -c "import liger_kernel; print('liger_kernel present')" 2>/dev/null || echo "liger_kernel: absent"
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+if ! "$PY" -c "import seqpack" 2>>"$OUT/env.txt"; then  # e.g. the image's transformers is older than the floor
+    echo "import seqpack failed (see env.txt); run tools/gpu_wheels.sh here and carry .whl" | tee -a "$OUT/summary.txt"
+    tail -1 "$OUT/env.txt"
+    exit 1
+fi
 
 if [ "$PART" = main ] || [ "$PART" = all ]; then
     part pytest 180 "$PY" -m pytest -m cuda -k "not flex" -rs -s -q -p no:cacheprovider \
