@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..parallel import all_reduce_gradients, init_topology
 from ..parallel.comm import all_reduce_sum
 from ..train.checkpoint import save_checkpoint
-from ..train.metrics import DevicePeak, MetricsLogger, peak_memory_mib
+from ..train.metrics import peak_memory_mib
 from .data import FluxLoader, FolderDataset, ShapesDataset, grid_image, unpatchify
 from .flux import SeqpackFluxAttnProcessor, install, packed_forward
 from .objective import euler_sample, loss_count, loss_sum
@@ -102,8 +102,7 @@ def train_flux(cfg):
 
 
 def _train(cfg, topo):
-    from ..train.loop import (TrainingDiverged, TrainResult, build_optimizer, build_schedule, clip_grad_norm,
-                              prepare_run_dir, resume_latest)
+    from ..train.loop import TrainingDiverged, TrainResult, clip_grad_norm, prepare_run_dir, start_run
 
     rank0 = topo.rank == 0
     run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
@@ -112,15 +111,10 @@ def _train(cfg, topo):
     p = cfg.diffusion.patch_size
     model = build_flux(cfg, x0.shape[0] * p * p, txt.shape[1], pooled.shape[0], topo)
     n_params = sum(q.numel() for q in model.parameters())
-    optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps
-    scheduler = build_schedule(optimizer, cfg)
-    start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    optimizer, scheduler, start_step, resume, last, metrics, peak = start_run(cfg, model, loader, topo.device,
+                                                                              run_dir, ckpt_dir, rank0)
     last_ckpt = resume
-    last = min(total, cfg.train.max_steps or total)
-    metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
-                            log_every=cfg.train.log_every)
-    peak = DevicePeak(topo.device)
     metrics.message(f"seqpack train (flux): {run_dir}  FluxTransformer2DModel {n_params / 1e6:.2f}M params  "
                     f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  {len(loader.dataset)} images, "
                     f"rows of <= {loader.row_tokens} tokens" + (f"  resumed from {resume} (step {start_step})"

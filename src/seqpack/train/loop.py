@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -156,16 +157,10 @@ def _train(cfg: Config, topo) -> TrainResult:
     model = build_model(cfg, len(getattr(tokenizer, "tokenizer", tokenizer)), topo)  # a processor holds one
     loader = build_loader(cfg, tokenizer, topo, vocab_size=model.config.get_text_config().vocab_size)
     n_params, n_flop_params = count_params(model)
-    optimizer = build_optimizer(model, cfg)
     total = cfg.total_steps
-    scheduler = build_schedule(optimizer, cfg)
-
-    start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    optimizer, scheduler, start_step, resume, last, metrics, peak = start_run(cfg, model, loader, topo.device,
+                                                                              run_dir, ckpt_dir, rank0)
     last_ckpt = resume
-    last = min(total, cfg.train.max_steps or total)
-    metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
-                            log_every=cfg.train.log_every)
-    peak = DevicePeak(topo.device)
     name = type(model).__name__.removeprefix("FSDP")
     startup = [f"seqpack train: {run_dir}  {name} {n_params / 1e6:.2f}M params  device={topo.device}  "
                f"dtype={precision(cfg, topo.device)}  "
@@ -262,6 +257,32 @@ def prepare_run_dir(cfg: Config, rank0: bool) -> tuple[Path, Path]:
         _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
         remove_partial(ckpt_dir)
     return run_dir, ckpt_dir
+
+
+class RunStart(NamedTuple):
+    """What a training loop needs once its model and data exist (:func:`start_run`)."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: WarmupCosine
+    start_step: int          # the resumed checkpoint's step, 0 for a new run
+    resume: Path | None      # the checkpoint resumed from
+    last: int                # the last step this invocation runs: total_steps, or train.max_steps if smaller
+    metrics: MetricsLogger
+    peak: DevicePeak
+
+
+def start_run(cfg: Config, model, loader, device: torch.device, run_dir: Path, ckpt_dir: Path,
+              rank0: bool) -> RunStart:
+    """Optimizer and schedule for ``model``, the latest checkpoint restored (``ckpt.auto_resume``), the metrics
+    logger and the device's peak FLOP/s — the same start for the LM and the Flux loop."""
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_schedule(optimizer, cfg)
+    start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    total = cfg.total_steps
+    last = min(total, cfg.train.max_steps or total)
+    metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
+                            log_every=cfg.train.log_every)
+    return RunStart(optimizer, scheduler, start_step, resume, last, metrics, DevicePeak(device))
 
 
 def resume_latest(cfg: Config, ckpt_dir: Path, model, optimizer, scheduler, loader) -> tuple[int, Path | None]:
