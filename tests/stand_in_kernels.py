@@ -43,7 +43,8 @@ def _attend(q, k, v, cu, scale, left, right, softcap=0.0, alibi_slopes=None):
 
 
 def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
-    """torch 2.10 ``torch.nn.attention.varlen.varlen_attn`` (2.9 has none): is_causal, default scale, no window, no GQA."""
+    """torch 2.10 ``torch.nn.attention.varlen.varlen_attn`` (2.9 has none): is_causal, default scale, no window,
+    no GQA."""
     CALLS.append(dict(fn="2.10", q=query, k=key, v=value, is_causal=is_causal))
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("varlen_attn 2.10 stand-in: query and key/value must have the same number of heads")
@@ -84,6 +85,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     if causal:
         right = 0
     return _attend(q, k, v, cu_seqlens_q, softmax_scale or q.shape[-1] ** -0.5, left, right, softcap, alibi_slopes)
+
+
+def install(monkeypatch, flash=None, torch_varlen=None) -> None:
+    """Make these stand-ins the installed kernels for one test (``monkeypatch``), CPU tensors allowed; clears CALLS."""
+    from seqpack.attention import backends
+
+    table = {"flash_attn": flash and backends.adapt_flash_attn(flash),
+             "torch_varlen": torch_varlen and backends.adapt_torch_varlen(torch_varlen)}
+    monkeypatch.setattr(backends, "kernel", table.get)
+    monkeypatch.setattr(backends, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
+    CALLS.clear()
 
 
 SIGNATURES = {"2.10": varlen_attn_2_10, "2.11": varlen_attn_2_11, "2.12": varlen_attn_2_12,

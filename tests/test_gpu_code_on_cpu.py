@@ -8,16 +8,12 @@ import torch
 
 import stand_in_kernels as si
 import test_gpu
-from seqpack.attention import backends
 
 
 @pytest.fixture
 def cpu_with_stand_in_kernel(monkeypatch):
     monkeypatch.setattr(test_gpu, "DEVICE", torch.device("cpu"))
-    table = {"flash_attn": None, "torch_varlen": backends.adapt_torch_varlen(si.varlen_attn_2_11)}
-    monkeypatch.setattr(backends, "kernel", table.get)
-    monkeypatch.setattr(backends, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
-    si.CALLS.clear()
+    si.install(monkeypatch, torch_varlen=si.varlen_attn_2_11)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma2", "internlm2"])  # sliding window, softcap, native model

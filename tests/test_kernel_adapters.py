@@ -17,13 +17,7 @@ N, D = 6, 8
 @pytest.fixture
 def kernels(monkeypatch):
     """install(flash=..., torch_varlen=...): these stand-ins become the installed kernels, CPU tensors allowed."""
-    def install(flash=None, torch_varlen=None):
-        table = {"flash_attn": flash and backends.adapt_flash_attn(flash),
-                 "torch_varlen": torch_varlen and backends.adapt_torch_varlen(torch_varlen)}
-        monkeypatch.setattr(backends, "kernel", table.get)
-        monkeypatch.setattr(backends, "KERNEL_DEVICE_TYPES", ("cuda", "cpu"))
-        si.CALLS.clear()
-    return install
+    return lambda flash=None, torch_varlen=None: si.install(monkeypatch, flash, torch_varlen)
 
 
 def _adapter(sig):

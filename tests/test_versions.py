@@ -18,7 +18,8 @@ def test_installed_releases_pass():
 
 
 def test_older_releases_are_refused_with_the_fix():
-    with pytest.raises(ImportError, match=r"transformers 5\.17\.0 \(needs >= 5\.23\).*pip install -U 'transformers>=5\.23'"):
+    with pytest.raises(ImportError,
+                       match=r"transformers 5\.17\.0 \(needs >= 5\.23\).*pip install -U 'transformers>=5\.23'"):
         check_versions({"torch": "2.11.0+cu130", "transformers": "5.17.0"})
     with pytest.raises(ImportError, match=r"torch 2\.8\.0 \(needs >= 2\.9\), transformers 5\.0\.0"):
         check_versions({"torch": "2.8.0", "transformers": "5.0.0"})

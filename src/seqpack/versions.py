@@ -22,9 +22,8 @@ def check_versions(installed: dict[str, str] | None = None) -> None:
         import transformers
 
         installed = {"torch": torch.__version__, "transformers": transformers.__version__}
-    old = [f"{name} {installed[name]} (needs >= {'.'.join(map(str, floor))})"
-           for name, floor in FLOORS.items() if release(installed[name]) < floor]
-    if old:
-        upgrade = " ".join(f"'{name}>={'.'.join(map(str, FLOORS[name]))}'" for name in FLOORS
-                           if release(installed[name]) < FLOORS[name])
-        raise ImportError(f"seqpack needs newer releases: {', '.join(old)}; run: pip install -U {upgrade}")
+    too_old = {name: ".".join(map(str, floor)) for name, floor in FLOORS.items() if release(installed[name]) < floor}
+    if too_old:
+        found = ", ".join(f"{name} {installed[name]} (needs >= {floor})" for name, floor in too_old.items())
+        upgrade = " ".join(f"'{name}>={floor}'" for name, floor in too_old.items())
+        raise ImportError(f"seqpack needs newer releases: {found}; run: pip install -U {upgrade}")

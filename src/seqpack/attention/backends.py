@@ -123,7 +123,8 @@ def _prescale_factor(scale: float, head_dim: int) -> float | None:
 
 
 def adapt_torch_varlen(fn: Callable) -> KernelAdapter:
-    """Adapter for ``torch.nn.attention.varlen.varlen_attn`` (any torch from 2.10, the first with it) from its signature."""
+    """Adapter for ``torch.nn.attention.varlen.varlen_attn`` from its signature (any torch from 2.10, the first
+    with it)."""
     params = frozenset(inspect.signature(fn).parameters)
     if "window_size" not in params and "is_causal" not in params:
         raise TypeError(f"unrecognised varlen_attn signature {inspect.signature(fn)}: neither window_size nor "
