@@ -12,7 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import seqpack
-from seqpack.chunked_loss import LogitPostprocess, enable_chunked_loss, linear_cross_entropy_sum, logit_postprocess
+from seqpack.ops.chunked_loss import LogitPostprocess, enable_chunked_loss, linear_cross_entropy_sum, logit_postprocess
 from seqpack.parallel import StepLoss
 
 from conftest import tiny_config

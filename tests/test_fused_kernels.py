@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 import seqpack
-from seqpack.chunked_loss import enable_chunked_loss
-from seqpack.fused import apply_fused_kernels
+from seqpack.ops.chunked_loss import enable_chunked_loss
+from seqpack.ops.fused import apply_fused_kernels
 
 from conftest import tiny_config
 
@@ -116,7 +116,7 @@ def test_auto_and_errors():
 
 
 def test_missing_package_is_named(monkeypatch):
-    import seqpack.fused as fused
+    import seqpack.ops.fused as fused
 
     monkeypatch.setattr(fused, "liger_available", lambda: False)
     model = AutoModelForCausalLM.from_config(tiny_config("llama"))

@@ -119,7 +119,7 @@ def _per_document_reference(state_dict, vocab, batch, attn="eager"):
     packed = packed_batch_from_inputs(batch)
     cu = packed.cu_seqlens.tolist()
     logits = torch.cat([ref(input_ids=packed.input_ids[:, a:b]).logits for a, b in zip(cu, cu[1:])], dim=1)
-    loss = seqpack.loss.token_loss_sum(logits, packed.shift_labels) / packed.num_valid_targets
+    loss = seqpack.ops.loss.token_loss_sum(logits, packed.shift_labels) / packed.num_valid_targets
     loss.backward()
     return loss.detach(), logits.detach(), {n: p.grad for n, p in ref.named_parameters()}
 

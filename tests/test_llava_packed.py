@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import seqpack
-from seqpack.loss import token_loss_sum
+from seqpack.ops.loss import token_loss_sum
 from seqpack.multimodal.batch import encode_sample, pack_multimodal
 
 from llava_tiny import chat, model_pair, random_image, samples, tiny_llava_config, tiny_processor

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import seqpack
-from seqpack.loss import token_loss_sum
+from seqpack.ops.loss import token_loss_sum
 from seqpack.multimodal.batch import pack_multimodal
 from seqpack.parallel import StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence, init_topology, shard_batch
 from seqpack.train import load_config, train

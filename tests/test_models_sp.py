@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import seqpack
 from seqpack.compat.internevo import gpc
-from seqpack.loss import token_loss_sum
+from seqpack.ops.loss import token_loss_sum
 from seqpack.models import register_models
 from seqpack.parallel import ParallelDims, all_reduce_gradients, apply_fsdp, gather_sequence, shard_batch
 

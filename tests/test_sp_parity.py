@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
 
 import seqpack
-from seqpack.loss import token_loss_sum
+from seqpack.ops.loss import token_loss_sum
 from seqpack.parallel import (ParallelDims, StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence,
                               init_topology, shard_batch)
 from seqpack.parallel import xtuner as xt

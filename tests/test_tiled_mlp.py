@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import seqpack
-from seqpack.tiled_mlp import apply_tiled_mlp, tiled
+from seqpack.ops.tiled_mlp import apply_tiled_mlp, tiled
 
 from conftest import tiny_config
 

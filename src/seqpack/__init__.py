@@ -12,10 +12,9 @@ check_versions()  # before anything that relies on them: a clear ImportError ins
 
 from .attention import dispatch, register  # noqa: E402
 from .batch import IGNORE_INDEX, PackedBatch, pack  # noqa: E402
-from .chunked_loss import chunked_causal_lm_loss, enable_chunked_loss  # noqa: E402
 from .data import build_packed_loader  # noqa: E402
-from .loss import causal_lm_loss  # noqa: E402
 from .models import load_model, register_models  # noqa: E402
+from .ops import causal_lm_loss, chunked_causal_lm_loss, enable_chunked_loss  # noqa: E402
 from .parallel import StepLoss, apply_fsdp, init_topology, shard_batch  # noqa: E402
 from .ssm import register_ssm_models  # noqa: E402
 

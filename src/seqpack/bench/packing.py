@@ -197,7 +197,7 @@ def _per_document_loss(model, docs, dev) -> float:
                 if len(d) < 2:
                     continue
                 logits = model(input_ids=d[None].to(dev), use_cache=False).logits
-                total += float(seqpack.loss.token_loss_sum(logits[:, :-1], d[None, 1:].to(dev)))
+                total += float(seqpack.ops.loss.token_loss_sum(logits[:, :-1], d[None, 1:].to(dev)))
                 count += len(d) - 1
     finally:
         model.set_attn_implementation(own)

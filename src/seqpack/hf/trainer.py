@@ -37,7 +37,7 @@ from transformers import Trainer
 from ..attention import dispatch
 from ..attention.hf import NAME as SEQPACK_ATTENTION
 from ..batch import IGNORE_INDEX
-from ..loss import token_loss_sum
+from ..ops.loss import token_loss_sum
 from ..parallel import init_topology, shard_batch
 from ..parallel.comm import all_reduce_sum
 from .collator import LOSS_MASK_KEYS, packed_batch_from_inputs

@@ -16,14 +16,7 @@ import warnings
 
 import torch
 
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformer blocks of a transformers causal LM (``model.model.layers`` or the ``*DecoderLayer``s)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if isinstance(layers, torch.nn.ModuleList) and len(layers):
-        return list(layers)
-    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
+from ..ops.layers import decoder_layers
 
 
 def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True, mp_policy=None) -> torch.nn.Module:

@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 
 from ..batch import IGNORE_INDEX
-from ..loss import token_loss_sum
+from ..ops.loss import token_loss_sum
 from .comm import all_reduce_sum, group_size
 
 

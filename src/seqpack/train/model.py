@@ -19,13 +19,13 @@ import torch
 
 import seqpack
 
-from ..chunked_loss import enable_chunked_loss
-from ..fused import apply_fused_kernels
+from ..ops import apply_fused_kernels, apply_tiled_mlp, enable_chunked_loss
+from ..ops.layers import decoder_layers
 from ..parallel import apply_fsdp, check_model_heads
 from ..ssm.config import SSM_MODEL_TYPES, is_ssm, ssm_hf_config
-from ..tiled_mlp import apply_tiled_mlp
 from .config import Config
 from .config_rules import from_hf, transformers_model_type
+
 
 def hf_config(cfg: Config, vocab_size: int):
     """transformers config of a from-scratch model from the ``model`` section."""
@@ -123,8 +123,6 @@ def apply_activation_checkpointing(model, checkpoint: bool | float) -> None:
     if fraction <= 0:
         return
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    from ..parallel.fsdp import decoder_layers
-
     layers = decoder_layers(model)
     keep = round(fraction * len(layers))
     for i, layer in enumerate(layers):

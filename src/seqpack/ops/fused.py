@@ -11,7 +11,7 @@ Shape legend: T tokens, H hidden size, N query heads, D head dim, V vocabulary.
   an attention module of a fused model is running (a ContextVar set by hooks on those modules). Packed rows work
   as they are: cos/sin [1, T, D] come from the model's rotary embedding of the restarting ``position_ids``.
 - Loss: ``liger_fused_linear_cross_entropy(reduction="sum", softcap=...)`` in place of seqpack's chunked loss (see
-  :mod:`seqpack.chunked_loss`), for heads without a multiplicative logit scale.
+  :mod:`seqpack.ops.chunked_loss`), for heads without a multiplicative logit scale.
 
     >>> kernels = apply_fused_kernels(model, "auto", torch.device("cuda"))   # doctest: +SKIP
     >>> kernels.swapped                                                     # doctest: +SKIP
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chunked_loss import logit_postprocess
-from .parallel.fsdp import decoder_layers
+from .layers import decoder_layers
 
 # model_type -> (RMSNorm offset, casting mode, in_place, MLP kind). As Liger's apply_liger_kernel_to_<family>.
 FAMILIES = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .batch import IGNORE_INDEX, PackedBatch
+from ..batch import IGNORE_INDEX, PackedBatch
 
 
 def causal_lm_loss(logits: torch.Tensor, batch: PackedBatch | torch.Tensor, num_valid: int | torch.Tensor | None = None):

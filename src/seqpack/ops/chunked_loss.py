@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import IGNORE_INDEX, PackedBatch
+from ..batch import IGNORE_INDEX, PackedBatch
 
 DEFAULT_CHUNK = 1024
 

@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from .layers import decoder_layers
+
 MLP_NAMES = ("mlp", "feed_forward")  # transformers families; seqpack's native InternLM2
 
 
@@ -73,8 +75,6 @@ def tiled(module: torch.nn.Module, tile: int) -> None:
 def apply_tiled_mlp(model: torch.nn.Module, tile: int) -> int:
     """Tile the MLP of every decoder layer of ``model`` (``tile`` tokens per tile); returns how many were tiled.
     Mixture-of-experts blocks are left as they are (one warning)."""
-    from .parallel.fsdp import decoder_layers
-
     count, skipped = 0, set()
     for layer in decoder_layers(model):
         mlp = next((getattr(layer, n) for n in MLP_NAMES if isinstance(getattr(layer, n, None), torch.nn.Module)),
