@@ -4,7 +4,8 @@ packed-sequence detection and lets documents attend to each other; with use_cach
 
 import pytest
 
-from seqpack.bench.packing import LEAK_TOLERANCE, render_table, run_one
+from seqpack.bench.measure import LEAK_TOLERANCE, render_table
+from seqpack.bench.packing import run_one
 
 
 @pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-packed", True), ("sdpa-posids", False),

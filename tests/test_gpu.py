@@ -101,7 +101,8 @@ def test_twenty_step_train_on_gpu_loss_falls(tmp_path, capsys):
 @pytest.mark.parametrize("method, exact", [("seqpack", True), ("sdpa-posids", False), ("flex-packed", True)])
 def test_bench_packing_on_gpu(method, exact):
     """`seqpack bench packing --device cuda` in miniature: bf16, checkpointing, MFU, exactness columns."""
-    from seqpack.bench.packing import LEAK_TOLERANCE, run_one
+    from seqpack.bench.measure import LEAK_TOLERANCE
+    from seqpack.bench.packing import run_one
 
     r = run_one(method, 4096, steps=1, seed=0, dist="lognormal", device="cuda", model_name="small", median=1024,
                 checkpointing=True)

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .packing import _padded_micro_batches, _peak_rss_mb, _rss_mb, doc_lengths, render_table, run_worker
+from .measure import _padded_micro_batches, _peak_rss_mb, _rss_mb, doc_lengths, render_table, run_worker
 
 MODELS = {
     "mamba": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, state_size=16, expand=2, conv_kernel=4),

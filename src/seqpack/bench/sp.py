@@ -52,7 +52,7 @@ def _rank_main(rank: int, world: int, init_file: str, T: int, steps: int, seed: 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import seqpack
-    from seqpack.bench.packing import doc_lengths
+    from seqpack.bench.measure import doc_lengths
     from seqpack.parallel import ParallelDims, StepLoss, shard_batch
 
     torch.set_num_threads(1)

@@ -51,7 +51,7 @@ def memory_one(T: int, overrides: list[str], seed: int = 0) -> dict:
     import torch
 
     import seqpack
-    from seqpack.bench.packing import doc_lengths
+    from seqpack.bench.measure import doc_lengths
     from seqpack.parallel import StepLoss
     from seqpack.train import load_config
     from seqpack.train.loop import build_optimizer

@@ -31,7 +31,7 @@ from .sp import MODEL, _reset_peak, _status_kib
 def _examples(total_tokens: int, seed: int, max_len: int) -> list[dict]:
     import torch
 
-    from .packing import doc_lengths
+    from .measure import doc_lengths
 
     g = torch.Generator().manual_seed(seed)
     lengths = [min(n, max_len) for n in doc_lengths(total_tokens, seed=seed) if n >= 2]

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         vocab_size = args.vocab_size
         if args.tokenizer is not None:
-            from .tokenize_cli import load_tokenizer
+            from .corpus import load_tokenizer
 
             vocab_size = len(load_tokenizer(args.tokenizer))
         stats = check_folder(args.folder, vocab_size, args.data_order_file)

@@ -155,6 +155,18 @@ def default_tokenizer():
     return PreTrainedTokenizerFast.from_pretrained(target)
 
 
+def load_tokenizer(path: str | None):
+    """The tokenizer of a local folder (``--tokenizer`` of the data commands), or the embedded corpus tokenizer."""
+    if path is None:
+        return default_tokenizer()
+    if not Path(path).is_dir():
+        raise ValueError(f"--tokenizer {path} is not a local folder; seqpack never downloads (save the tokenizer "
+                         "with tokenizer.save_pretrained(folder) first)")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def build_once(target: Path, build) -> Path:
     """Create the cache directory ``target`` with ``build(tmp_dir)`` unless it exists. Concurrent processes (e.g. the
     ranks of one job) take a file lock, so one builds and the others wait; the result appears atomically."""

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .check import length_stats
+from .corpus import load_tokenizer
 from .ftdp import FtdpWriter
 from .sources import encode_chat, encode_text, find_inputs, iter_records, record_kind
 
@@ -42,19 +43,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--meta-dtype", choices=("int32", "int64"), default="int32",
                         help="dtype of .bin.meta (int32 like InternEvo, int64 for files > 2 GiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def load_tokenizer(path: str | None):
-    if path is None:
-        from .corpus import default_tokenizer
-
-        return default_tokenizer()
-    if not Path(path).is_dir():
-        raise ValueError(f"--tokenizer {path} is not a local folder; seqpack never downloads (save the tokenizer "
-                         "with tokenizer.save_pretrained(folder) first)")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def tokenize_inputs(inputs, output, tokenizer, *, type_="", text_key="text", messages_key="messages", split=None,
