@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import seqpack
-from seqpack.attention.kernels import AttnSpec, length_buckets, resolve_backend, varlen_attention
-from seqpack.batch import TENSOR_FIELDS, PackedBatch
+from seqpack.attention.kernels import AttnSpec, resolve_backend, varlen_attention
+from seqpack.batch import TENSOR_FIELDS, PackedBatch, length_buckets
 
 from conftest import model_pair
 

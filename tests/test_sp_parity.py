@@ -19,7 +19,7 @@ import seqpack
 from seqpack.ops.loss import token_loss_sum
 from seqpack.parallel import (ParallelDims, StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence,
                               init_topology, shard_batch)
-from seqpack.parallel import xtuner as xt
+from seqpack.compat import xtuner as xt
 
 from conftest import VOCAB, tiny_config
 

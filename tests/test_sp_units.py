@@ -6,7 +6,7 @@ import torch
 import seqpack
 from seqpack.batch import IGNORE_INDEX
 from seqpack.parallel import ParallelDims, StepLoss, init_topology, pad_to_multiple, plan_heads, shard_batch
-from seqpack.parallel import xtuner as xt
+from seqpack.compat import xtuner as xt
 
 from conftest import model_pair
 

@@ -140,6 +140,19 @@ def positions_from_cu_seqlens(cu: Sequence[int], device=None) -> torch.Tensor:
     return torch.from_numpy(positions).to(device)
 
 
+def length_buckets(lengths: list[int], min_fill: float = 0.75) -> list[list[int]]:
+    """Group document indices so that every document in a bucket has at least ``min_fill`` of the bucket's
+    longest length (bounds the padded work to 1/min_fill^2 of the exact work). Longest buckets first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets and lengths[i] >= min_fill * lengths[buckets[-1][0]]:
+            buckets[-1].append(i)
+        else:
+            buckets.append([i])
+    return buckets
+
+
 def pack(
     docs: Sequence[Sequence[int] | torch.Tensor],
     loss_masks: Sequence[Sequence[bool] | torch.Tensor] | None = None,

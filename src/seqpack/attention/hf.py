@@ -21,11 +21,11 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
-from ..multimodal.model import attn_implementation_for, bidirectional_attention, is_multimodal, prepare_multimodal
 from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
 from .backends import compute_dtype, resolve_backend
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
+from .multimodal import attn_implementation_for, bidirectional_attention, is_multimodal, prepare_multimodal
 
 NAME = "seqpack"
 
@@ -159,7 +159,7 @@ def register() -> None:
 def dispatch(model, backend: str = "auto", sp_group=None):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
     A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
-    implementation (:mod:`seqpack.multimodal.model`).
+    implementation (:mod:`seqpack.attention.multimodal`).
     Mamba / Mamba-2 have no attention: their mixers are adapted instead (:func:`seqpack.ssm.adapt_ssm`).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..batch import length_buckets
 from . import backends
 from .backends import BACKENDS, resolve_backend  # noqa: F401  (re-exported)
 
@@ -52,19 +53,6 @@ def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, ba
         cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
     q, k, v = (x.to(dtype) for x in (q, k, v))  # the kernel's dtype; the output stays in it, as with SDPA
     return backends.kernel(backend)(q, k, v, cu_tensor.to(torch.int32), max_seqlen, spec)
-
-
-def length_buckets(lengths: list[int], min_fill: float = 0.75) -> list[list[int]]:
-    """Group document indices so that every document in a bucket has at least ``min_fill`` of the bucket's
-    longest length (bounds the padded work to 1/min_fill^2 of the exact work). Longest buckets first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    buckets: list[list[int]] = []
-    for i in order:
-        if buckets and lengths[i] >= min_fill * lengths[buckets[-1][0]]:
-            buckets[-1].append(i)
-        else:
-            buckets.append([i])
-    return buckets
 
 
 def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:

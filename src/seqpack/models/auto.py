@@ -58,7 +58,7 @@ def load_model(path: str | os.PathLike, attn_implementation: str = "seqpack", **
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
         from transformers import AutoModelForImageTextToText
 
-        from ..multimodal.model import attn_implementation_for
+        from ..attention.multimodal import attn_implementation_for
 
         auto = AutoModelForImageTextToText  # LLaVA: seqpack for the language model, the vision tower stays SDPA
         config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs.get("trust_remote_code", False))

@@ -36,7 +36,7 @@ class MultimodalBatch:
     pixel_values      [I, C, H_img, W_img] float, the row's images in sample order (None: no image in the row)
     images_per_sample n ints (a trailing pad segment has none)
     sp_size, sp_rank  S and this rank; the model still gets the WHOLE row (its image features are merged before
-                      the split, :mod:`seqpack.multimodal.model`); ``shift_labels`` is this rank's slice
+                      the split, :mod:`seqpack.attention.multimodal`); ``shift_labels`` is this rank's slice
     """
 
     text: PackedBatch

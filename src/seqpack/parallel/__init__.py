@@ -9,8 +9,8 @@
     optimizer.step(); print(step.value())                           # same loss on every rank
 
 Files: topology.py (ParallelDims, DeviceMesh), comm.py (differentiable all-to-all / gather), heads.py (Ulysses
-attention and head layouts), shard.py (pad + split of a packed row), loss.py (global token mean), fsdp.py (FSDP2),
-xtuner.py (XTuner API names).
+attention and head layouts), shard.py (pad + split of a packed row), loss.py (global token mean), fsdp.py
+(FSDP2). XTuner's API names: :mod:`seqpack.compat.xtuner`.
 """
 
 from .comm import gather_sequence, heads_to_seq, seq_to_heads

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention.kernels import length_buckets
-from ..batch import check_cu_seqlens, validate_packed
+from ..batch import check_cu_seqlens, length_buckets, validate_packed
 
 
 @dataclass

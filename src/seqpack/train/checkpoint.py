@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..atomic import folder_swap, fsync
-from ..multimodal.model import attn_implementations
+from ..attention.multimodal import attn_implementations
 
 PREFIX = "step_"
 MARKER = "COMPLETE"

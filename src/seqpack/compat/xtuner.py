@@ -27,8 +27,8 @@ from typing import Sized
 import torch
 
 from ..batch import IGNORE_INDEX
-from .comm import all_reduce_sum, gather_sequence, group_rank, group_size
-from .topology import ParallelDims, init_topology
+from ..parallel.comm import all_reduce_sum, gather_sequence, group_rank, group_size
+from ..parallel.topology import ParallelDims, init_topology
 
 _TOPOLOGY: ParallelDims | None = None  # the XTuner-style slot; the core path never reads it
 
