@@ -12,7 +12,7 @@ from PIL import Image
 from seqpack.cli import main
 from seqpack.diffusion.data import patchify, unpatchify
 from seqpack.train import load_config
-from seqpack.train.loop import train
+from seqpack.tasks import train
 
 TINY = ["--model_type", "flux", "--model.hidden_size", "32", "--model.num_layers", "1",
         "--model.num_attention_heads", "2", "--diffusion.single_layers", "1", "--diffusion.resolutions",

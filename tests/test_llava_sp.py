@@ -16,7 +16,8 @@ import seqpack
 from seqpack.ops.loss import token_loss_sum
 from seqpack.multimodal.batch import pack_multimodal
 from seqpack.parallel import StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence, init_topology, shard_batch
-from seqpack.train import load_config, train
+from seqpack.tasks import train
+from seqpack.train import load_config
 
 from llava_tiny import model_pair, samples, tiny_processor, train_args, write_dataset, write_model_folder
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from seqpack.multimodal.data import MultimodalLoader, read_records
-from seqpack.train import load_config, train
+from seqpack.tasks import train
+from seqpack.train import load_config
 
 from llava_tiny import random_image, tiny_processor, train_args, write_dataset, write_model_folder
 

@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("seqpack.train.cli", "train a model from an InternEvo-style config (default: embedded demo run)"),
+    "train": ("seqpack.tasks", "train a model from an InternEvo-style config (default: embedded demo run)"),
     "generate": ("seqpack.train.generate", "sample text from a run folder or a Hugging Face model folder"),
     "demo": ("seqpack.demo", "packed training demo on a tiny model and the embedded corpus"),
     "tokenize": ("seqpack.data.tokenize_cli", "tokenize JSONL / parquet / datasets folders into ftdp format"),

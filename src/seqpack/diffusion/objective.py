@@ -18,9 +18,8 @@ from typing import Callable
 
 import torch
 
+from ..train.config_diffusion import TIMESTEP_SAMPLING
 from .packing import FluxRow
-
-TIMESTEP_SAMPLING = ("logit_normal", "uniform")
 
 
 def sample_timesteps(n: int, generator: torch.Generator, mode: str = "logit_normal", mean: float = 0.0,

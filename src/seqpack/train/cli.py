@@ -52,7 +52,9 @@ def parse_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Nam
     return ns
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, select_task=None) -> int:
+    """``seqpack train``; ``select_task(cfg)`` gives the run's task (default: the causal LM,
+    :class:`seqpack.train.task.CausalLM`; the command uses :func:`seqpack.tasks.select_task`)."""
     overrides = list(getattr(args, "overrides", []))
     if args.run_dir:
         overrides += ["--train.run_dir", args.run_dir]
@@ -69,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from .loop import TrainingDiverged, train
 
     try:
-        train(cfg)
+        train(cfg, select_task(cfg) if select_task is not None else None)
     except TrainingDiverged as e:
         print(f"seqpack train: error: {e}", file=sys.stderr)
         return 3

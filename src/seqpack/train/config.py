@@ -21,7 +21,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from ..diffusion.config import DiffusionConfig
+from .config_diffusion import DiffusionConfig
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 from ..ssm.config import SP_REFUSAL, SSM_MODEL_TYPES
+from .config_diffusion import check_diffusion, is_flux
 
 _PIPE = "pipeline parallel is not supported"
 IGNORED: dict[str, dict[str, str]] = {
@@ -132,8 +133,6 @@ def check_choices(cfg, source: str = "config") -> None:
                 "scheduler and sampler state resume through ckpt.auto_resume")
         if not info.path:
             bad("ckpt.load_ckpt_info.path", info.path, "give the local folder of the Hugging Face model")
-    from ..diffusion.config import check_diffusion, is_flux
-
     if is_flux(cfg):
         check_diffusion(cfg, source)
     elif not from_hf(cfg):

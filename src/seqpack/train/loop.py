@@ -1,7 +1,7 @@
-"""The training loop: micro-batch accumulation with the global token-mean loss, AdamW, warmup + cosine, clipping,
-divergence stop, checkpoints and metrics.
+"""The training engine's loop: AdamW, warmup + cosine, clipping, divergence stop, checkpoints and metrics, around
+the steps of the run's task (:mod:`seqpack.train.task`: the causal LM by default).
 
-One optimizer step (every rank):
+One optimizer step (every rank), for the causal LM task:
 
     micro_num packed rows [1, T] from the loader (this dp rank's), read ahead on a thread
       -> shard_batch (sp > 1): [1, T/S] slices, global cu_seqlens; non-blocking copies to the device
@@ -30,15 +30,13 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from ..attention.hf import backends_used
 from ..compat.internevo import gpc
-from ..parallel import StepLoss, init_topology, shard_batch
-from .checkpoint import export_hf, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from ..parallel import init_topology
+from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import Config
-from .metrics import DevicePeak, MetricsLogger, peak_memory_mib, step_flops
-from .model import autocast, build_model, count_params, precision, uses_chunked_loss
-from .prefetch import LoaderAt, Prefetcher, to_device
-from .setup import build_loader, load_tokenizer
+from .metrics import DevicePeak, MetricsLogger, peak_memory_mib
+from .prefetch import LoaderAt, Prefetcher
+from .task import CausalLM
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,76 +125,49 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return float(norm)
 
 
-def train(cfg: Config) -> TrainResult:
-    """Run (or resume) the job ``cfg`` describes; one process or every rank of a torchrun launch."""
-    from ..diffusion.config import is_flux
-
-    if is_flux(cfg):  # diffusion transformer: its own loop (seqpack.diffusion.train)
-        from ..diffusion.train import train_flux
-
-        return train_flux(cfg)
+def train(cfg: Config, task=None) -> TrainResult:
+    """Run (or resume) the job ``cfg`` describes with ``task`` (default: a causal LM,
+    :class:`seqpack.train.task.CausalLM`); one process or every rank of a torchrun launch. LLaVA and Flux configs:
+    :func:`seqpack.tasks.train` picks their task."""
+    task = task if task is not None else CausalLM()
     topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device)  # cuda:LOCAL_RANK on a GPU machine
     try:
-        return _train(cfg, topo)
+        return _train(cfg, topo, task)
     finally:
         gpc.unbind()
         topo.destroy()
 
 
-def _train(cfg: Config, topo) -> TrainResult:
+def _train(cfg: Config, topo, task) -> TrainResult:
     gpc.bind(topo)  # the InternEvo compat slot (gpc.config.data) follows this run's ranks and micro-batches
-    if cfg.parallel.weight.size > 1 and topo.world_size % cfg.parallel.weight.size:
-        raise ValueError(f"parallel.weight.size={cfg.parallel.weight.size} does not divide the world size "
-                         f"{topo.world_size}; FSDP2 shards over all {topo.world_size} ranks: set weight.size=1")
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     rank0 = topo.rank == 0
     run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
 
-    tokenizer = load_tokenizer(cfg)
-    model = build_model(cfg, len(getattr(tokenizer, "tokenizer", tokenizer)), topo)  # a processor holds one
-    loader = build_loader(cfg, tokenizer, topo, vocab_size=model.config.get_text_config().vocab_size)
-    n_params, n_flop_params = count_params(model)
+    parts = task.build(cfg, topo)
+    model, loader = parts.model, parts.loader
     total = cfg.total_steps
     optimizer, scheduler, start_step, resume, last, metrics, peak = start_run(cfg, model, loader, topo.device,
                                                                               run_dir, ckpt_dir, rank0)
     last_ckpt = resume
-    name = type(model).__name__.removeprefix("FSDP")
-    startup = [f"seqpack train: {run_dir}  {name} {n_params / 1e6:.2f}M params  device={topo.device}  "
-               f"dtype={precision(cfg, topo.device)}  "
-               f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  packing={cfg.packing}  "
-               f"tokens/step={topo.dp_size * cfg.data.micro_num * cfg.data.micro_bsz * cfg.data.seq_len}  "
-               f"peak={peak.flops / 1e9:.1f} GFLOP/s ({peak.source})"
-               + (f"  resumed from {resume} (step {start_step})" if resume else "")]
+    resumed = f"  resumed from {resume} (step {start_step})" if resume else ""
 
     if start_step >= last:
-        metrics.message(startup.pop())
+        metrics.message(task.describe(cfg, parts, topo, run_dir, peak) + resumed)
         metrics.message(f"nothing to train: the checkpoint is at step {start_step}, the run ends at step {last}")
+    task.begin(cfg, parts, topo, run_dir, start_step)
     started, losses = time.perf_counter(), []
-    chunked = uses_chunked_loss(model)
     ahead = None
     try:
-        if start_step < last:  # rows are read, sharded (and pinned on CUDA) on a thread while the device computes
-            ahead = Prefetcher(loader, partial(_shard_rows, topo=topo), depth=2, pin=topo.device.type == "cuda")
+        if start_step < last:  # rows are read and prepared (SP shards, pinned) on a thread while the device computes
+            ahead = Prefetcher(loader, partial(task.prepare, topo=topo), depth=2)
         for step in range(start_step + 1, last + 1):
             t0 = time.perf_counter()
             prepared = next(ahead)
-            rows = prepared.rows
-            step_loss = StepLoss(prepared.micro, topo.world_group)  # valid targets counted on the host copies
-            for b in (to_device(b, topo.device) for b in prepared.micro):
-                with gpc.micro_batch(b):  # InternEvo-style hand-adapted modeling files read cu_seqlens from it
-                    with autocast(cfg, topo.device):
-                        if chunked:  # summed CE from the hidden states, no [T/S, V] logits
-                            out = model(**b.model_inputs(), use_cache=False, chunked_loss_labels=b.shift_labels)
-                            part = step_loss.sum_loss(out.loss)
-                        else:
-                            logits = model(**b.model_inputs(), use_cache=False).logits  # [1, T/S, V]
-                    if startup:  # printed after the first forward, which shows the attention backend really used
-                        metrics.message(startup.pop() + f"  attention={backends_used(model) or cfg.model.attn_backend}")
-                    if not chunked:
-                        part = step_loss(logits, b)
-                    part.backward()  # the step's loss stays on the device until value() below
-            loss = step_loss.value()
+            loss = task.step(cfg, model, prepared.micro, topo)  # forward + backward; gradients summed over ranks
+            if step == start_step + 1:  # printed after the first step, which shows the attention backend really used
+                metrics.message(task.describe(cfg, parts, topo, run_dir, peak) + resumed)
             grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -214,10 +185,9 @@ def _train(cfg: Config, topo) -> TrainResult:
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             losses.append(loss)
-            tokens = sum(b.num_tokens for b in rows) / topo.sp_size
+            tokens, flops = task.work(parts, prepared.rows, prepared.micro, topo)
             metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=dt,
-                        tokens_per_s_per_device=tokens / dt,
-                        mfu=step_flops(model.config, n_flop_params, rows, topo.sp_size) / dt / peak.flops,
+                        tokens_per_s_per_device=tokens / dt, mfu=flops / dt / peak.flops,
                         peak_mem_mib=peak_memory_mib(topo.device))
             if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last):
                 # the loader runs ahead: save its state after *this* step's rows
@@ -225,26 +195,22 @@ def _train(cfg: Config, topo) -> TrainResult:
                                             LoaderAt(prepared.loader_state), {"loss": loss},
                                             keep_last=cfg.ckpt.keep_last)
                 peak.refresh()
+            task.after_step(cfg, parts, topo, run_dir, step, last)
     finally:
         if ahead is not None:
             ahead.close()
         metrics.close()  # draws loss.png: matplotlib is imported only now, off the training path
-    hf_dir = None
+    exported = None
     if cfg.ckpt.export_hf and last == total:
-        hf_dir = export_hf(model, run_dir / "hf", tokenizer)
+        exported = task.export(cfg, parts, run_dir)
     seconds = time.perf_counter() - started
     if losses:
         tail = losses[-max(1, len(losses) // 20):]
         metrics.message(f"done: {len(losses)} steps in {seconds:.1f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f} "
                         f"(mean of the last {len(tail)}: {sum(tail) / len(tail):.4f}); "
-                        f"run folder {run_dir}" + (f", HF export {hf_dir}" if hf_dir else ""))
+                        + task.outputs(run_dir, exported))
     return TrainResult(run_dir, last, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"),
-                       seconds, last_ckpt, hf_dir, model)
-
-
-def _shard_rows(rows, topo) -> list:
-    """This rank's micro-batches of one step: the rows, or their SP shards [1, T/S]."""
-    return [shard_batch(b, topo.sp_size, topo.sp_rank) for b in rows] if topo.sp_size > 1 else list(rows)
+                       seconds, last_ckpt, exported, model)
 
 
 def prepare_run_dir(cfg: Config, rank0: bool) -> tuple[Path, Path]:

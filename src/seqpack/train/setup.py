@@ -14,13 +14,10 @@ from .model import model_source
 
 
 def load_tokenizer(cfg: Config):
-    """The run's tokenizer (a transformers tokenizer; a processor for a vision-language model; nothing downloads)."""
+    """The run's tokenizer (a transformers tokenizer; nothing downloads). A vision-language model's processor:
+    :mod:`seqpack.multimodal.task`."""
     from transformers import AutoTokenizer
 
-    from ..multimodal.data import is_multimodal_folder, load_processor
-
-    if is_multimodal_folder(model_source(cfg)):  # LLaVA: the folder's processor (tokenizer + image processor)
-        return load_processor(model_source(cfg), cfg.model.trust_remote_code)
     path = cfg.data.tokenizer_path
     if path is None:
         folder = model_source(cfg)
@@ -45,10 +42,6 @@ def build_loader(cfg: Config, tokenizer, topo, vocab_size: int | None = None):
     document read is checked against the model's vocabulary (ValueError naming file and line)."""
     from ..data import build_packed_loader
 
-    if hasattr(tokenizer, "image_processor"):  # a vision-language model: JSONL of (image, conversation) samples
-        from ..multimodal.data import build_multimodal_loader
-
-        return build_multimodal_loader(cfg, tokenizer, topo)
     d = cfg.data
     folder = d.train_folder.removeprefix("local:") if d.train_folder else None
     if folder is not None and not Path(folder).exists():

@@ -1,6 +1,7 @@
-"""``diffusion = dict(...)``: the settings of a Flux run (``model_type="flux"``); the other sections keep their
-meaning (model.hidden_size / num_layers / num_attention_heads, data.seq_len / micro_bsz / micro_num /
-train_folder, parallel.tensor.size, ckpt, adam, lr_scheduler, train).
+"""``diffusion = dict(...)``: the config section of a Flux run (``model_type="flux"``, trained by
+:mod:`seqpack.diffusion.task`), declared here with the other sections so that one loader checks every key of a
+config file. The other sections keep their meaning (model.hidden_size / num_layers / num_attention_heads,
+data.seq_len / micro_bsz / micro_num / train_folder, parallel.tensor.size, ckpt, adam, lr_scheduler, train).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import typing
 from dataclasses import dataclass
 
 FLUX_MODEL_TYPES = ("flux", "flux_from_hf")
+TIMESTEP_SAMPLING = ("logit_normal", "uniform")  # diffusion.timestep_sampling
 
 
 def is_flux(cfg) -> bool:
@@ -51,8 +53,6 @@ class DiffusionConfig:
 
 def check_diffusion(cfg, source: str = "config") -> None:
     """Reject diffusion settings seqpack cannot honour (ValueError naming the key)."""
-    from .objective import TIMESTEP_SAMPLING
-
     d = cfg.diffusion
     for key in ("patch_size", "single_layers", "num_images", "text_tokens", "text_dim", "pooled_dim", "sample_steps"):
         if getattr(d, key) < 1:

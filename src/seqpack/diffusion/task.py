@@ -1,6 +1,7 @@
-"""``seqpack train`` for Flux (``model_type="flux"``): rectified flow on packed multi-resolution rows, with SP.
+"""The Flux task of ``seqpack train`` (``model_type="flux"``): rectified flow on packed multi-resolution rows, with SP.
 
-One optimizer step (every rank):
+The training engine (:mod:`seqpack.train.loop`) runs the steps; this task builds the model and the loader and does
+one step. One optimizer step (every rank):
 
     micro_num packed rows of samples (x_t, velocity target, text embedding, timestep) from FluxLoader (dp rank's)
       -> pack_flux(row, S, sp_rank): this rank's slice of the joint row [txt_i; img_i ...]
@@ -19,18 +20,15 @@ wired (FSDP2's hooks run on module ``forward`` calls, and the packed forward cal
 
 from __future__ import annotations
 
-import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..parallel import all_reduce_gradients, init_topology
+from ..parallel import all_reduce_gradients
 from ..parallel.comm import all_reduce_sum
-from ..train.checkpoint import save_checkpoint
-from ..train.metrics import peak_memory_mib
+from ..train.task import RunParts
 from .data import FluxLoader, FolderDataset, ShapesDataset, grid_image, unpatchify
 from .flux import SeqpackFluxAttnProcessor, install, packed_forward
 from .objective import euler_sample, loss_count, loss_sum
@@ -92,86 +90,69 @@ def build_data(cfg, topo) -> FluxLoader:
                       topo.dp_size, f.timestep_sampling, f.logit_mean, f.logit_std)
 
 
-def train_flux(cfg):
-    """Run (or resume) the Flux job ``cfg``; returns a :class:`seqpack.train.loop.TrainResult`."""
-    topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device)  # cuda:LOCAL_RANK on a GPU machine
-    try:
-        return _train(cfg, topo)
-    finally:
-        topo.destroy()
+class Flux:
+    """Task (:mod:`seqpack.train.task`): a diffusers Flux transformer trained with rectified flow on packed rows of
+    multi-resolution images, parameters replicated on every rank, gradients all-reduced."""
 
+    def build(self, cfg, topo) -> RunParts:
+        """No tokenizer (the data brings text embeddings); the loader first (its data fixes the model's widths)."""
+        loader = build_data(cfg, topo)
+        x0, txt, pooled = loader.dataset.item(0)
+        p = cfg.diffusion.patch_size
+        model = build_flux(cfg, x0.shape[0] * p * p, txt.shape[1], pooled.shape[0], topo)
+        n_params = sum(q.numel() for q in model.parameters())
+        return RunParts(None, model, loader, n_params, n_params)
 
-def _train(cfg, topo):
-    from ..train.loop import TrainingDiverged, TrainResult, clip_grad_norm, prepare_run_dir, start_run
+    def prepare(self, rows: list, topo) -> list:
+        """This rank's slice of each packed joint row (``pack_flux``), on the host."""
+        return [pack_flux(row, topo.sp_size, topo.sp_rank) for row in rows]
 
-    rank0 = topo.rank == 0
-    run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
-    loader = build_data(cfg, topo)
-    x0, txt, pooled = loader.dataset.item(0)
-    p = cfg.diffusion.patch_size
-    model = build_flux(cfg, x0.shape[0] * p * p, txt.shape[1], pooled.shape[0], topo)
-    n_params = sum(q.numel() for q in model.parameters())
-    total = cfg.total_steps
-    optimizer, scheduler, start_step, resume, last, metrics, peak = start_run(cfg, model, loader, topo.device,
-                                                                              run_dir, ckpt_dir, rank0)
-    last_ckpt = resume
-    metrics.message(f"seqpack train (flux): {run_dir}  FluxTransformer2DModel {n_params / 1e6:.2f}M params  "
-                    f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  {len(loader.dataset)} images, "
-                    f"rows of <= {loader.row_tokens} tokens" + (f"  resumed from {resume} (step {start_step})"
-                                                                 if resume else ""))
-    if start_step == 0:
-        write_samples(model, loader, cfg, topo, run_dir, 0)
-    started, losses = time.perf_counter(), []
-    checkpoint = bool(float(cfg.model.checkpoint))
-    try:
-        for step in range(start_step + 1, last + 1):
-            t0 = time.perf_counter()
-            shards = [pack_flux(row, topo.sp_size, topo.sp_rank).to(topo.device) for row in next(loader)]
-            count = int(all_reduce_sum(torch.tensor(sum(loss_count(s) for s in shards), device=topo.device),
-                                       topo.world_group))
-            local = torch.zeros((), dtype=torch.float64, device=topo.device)
-            for s in shards:
-                loss = loss_sum(packed_forward(model, s, checkpoint=checkpoint), s) / count
-                loss.backward()
-                local += loss.detach()
-            all_reduce_gradients(model, topo.world_group)  # replicated parameters: sum over SP and DP ranks
-            loss = float(all_reduce_sum(local, topo.world_group))
-            grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                raise TrainingDiverged(f"loss is {loss} and gradient norm is {grad_norm} at step {step}; weights not "
-                                       f"updated (last checkpoint: {last_ckpt}). Lower adam.lr ({cfg.adam.lr}).")
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            dt = time.perf_counter() - t0
-            losses.append(loss)
-            tokens = sum(s.img.shape[1] + s.txt.shape[1] for s in shards)
-            metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=dt,
-                        tokens_per_s_per_device=tokens / dt, mfu=6.0 * n_params * tokens / dt / peak.flops,
-                        peak_mem_mib=peak_memory_mib(topo.device))
-            if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last):
-                last_ckpt = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, loader, {"loss": loss},
-                                            keep_last=cfg.ckpt.keep_last)
-                peak.refresh()
-            every = cfg.diffusion.sample_every
-            if step == last or (every and step % every == 0):
-                write_samples(model, loader, cfg, topo, run_dir, step)
-    finally:
-        metrics.close()
-    out_dir = None
-    if cfg.ckpt.export_hf and last == total and losses:
+    def begin(self, cfg, parts: RunParts, topo, run_dir: Path, start_step: int) -> None:
+        """A new run draws the sample grid of the initial weights (``samples_step000000.png``)."""
+        if start_step == 0:
+            write_samples(parts.model, parts.loader, cfg, topo, run_dir, 0)
+
+    def step(self, cfg, model, micro: list, topo) -> float:
+        """Forward + backward of every row; the loss is the mean squared error over the whole step (all rows, all
+        ranks); gradients summed over all ranks (replicated parameters)."""
+        shards = [s.to(topo.device) for s in micro]
+        checkpoint = bool(float(cfg.model.checkpoint))
+        count = int(all_reduce_sum(torch.tensor(sum(loss_count(s) for s in shards), device=topo.device),
+                                   topo.world_group))
+        local = torch.zeros((), dtype=torch.float64, device=topo.device)
+        for s in shards:
+            loss = loss_sum(packed_forward(model, s, checkpoint=checkpoint), s) / count
+            loss.backward()
+            local += loss.detach()
+        all_reduce_gradients(model, topo.world_group)  # replicated parameters: sum over SP and DP ranks
+        return float(all_reduce_sum(local, topo.world_group))
+
+    def work(self, parts: RunParts, rows: list, micro: list, topo) -> tuple[float, float]:
+        """(tokens of this rank's slices, 6 x parameters x those tokens)."""
+        tokens = sum(s.img.shape[1] + s.txt.shape[1] for s in micro)
+        return tokens, 6.0 * parts.flop_params * tokens
+
+    def after_step(self, cfg, parts: RunParts, topo, run_dir: Path, step: int, last: int) -> None:
+        """The sample grid at the end of the run and every ``diffusion.sample_every`` steps."""
+        every = cfg.diffusion.sample_every
+        if step == last or (every and step % every == 0):
+            write_samples(parts.model, parts.loader, cfg, topo, run_dir, step)
+
+    def describe(self, cfg, parts: RunParts, topo, run_dir: Path, peak) -> str:
+        return (f"seqpack train (flux): {run_dir}  FluxTransformer2DModel {parts.params / 1e6:.2f}M params  "
+                f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  {len(parts.loader.dataset)} images, "
+                f"rows of <= {parts.loader.row_tokens} tokens")
+
+    def export(self, cfg, parts: RunParts, run_dir: Path) -> Path:
+        """A diffusers folder ``RUN_DIR/diffusers`` (written by rank 0)."""
         out_dir = run_dir / "diffusers"
-        if rank0:
+        if not dist.is_initialized() or dist.get_rank() == 0:
             shutil.rmtree(out_dir, ignore_errors=True)
-            model.save_pretrained(out_dir)
-    seconds = time.perf_counter() - started
-    if losses:
-        metrics.message(f"done: {len(losses)} steps in {seconds:.1f} s, loss {losses[0]:.4f} -> {losses[-1]:.4f}; "
-                        f"samples {run_dir / 'samples.png'}" + (f", diffusers export {out_dir}" if out_dir else ""))
-    return TrainResult(run_dir, last, losses[0] if losses else float("nan"),
-                       losses[-1] if losses else float("nan"), seconds, last_ckpt, out_dir, model)
+            parts.model.save_pretrained(out_dir)
+        return out_dir
+
+    def outputs(self, run_dir: Path, exported: Path | None) -> str:
+        return f"samples {run_dir / 'samples.png'}" + (f", diffusers export {exported}" if exported else "")
 
 
 @torch.no_grad()
@@ -224,4 +205,4 @@ def write_samples(model, loader: FluxLoader, cfg, topo, run_dir: Path, step: int
     return out
 
 
-__all__ = ["build_flux", "generate", "train_flux", "write_samples"]
+__all__ = ["Flux", "build_flux", "generate", "write_samples"]
