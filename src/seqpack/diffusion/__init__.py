@@ -1,6 +1,7 @@
 """Diffusion transformers (diffusers' Flux) with packed multi-resolution rows and sequence parallelism.
 
-Files: packing.py (packed joint rows and SP shards), flux.py (attention processor, packed forward).
+Files: packing.py (packed joint rows and SP shards), flux.py (attention processor, packed forward), objective.py
+(rectified flow), data.py (images, loader), task.py (the Flux run of ``seqpack train``).
 """
 
 from .flux import SeqpackFluxAttnProcessor, install, packed_forward

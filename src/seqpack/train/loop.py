@@ -240,7 +240,7 @@ class RunStart(NamedTuple):
 def start_run(cfg: Config, model, loader, device: torch.device, run_dir: Path, ckpt_dir: Path,
               rank0: bool) -> RunStart:
     """Optimizer and schedule for ``model``, the latest checkpoint restored (``ckpt.auto_resume``), the metrics
-    logger and the device's peak FLOP/s — the same start for the LM and the Flux loop."""
+    logger and the device's peak FLOP/s."""
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg)
     start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
