@@ -1,7 +1,10 @@
 """The embedded default corpus: the running interpreter's standard-library ``.py`` sources, and a byte-level BPE
 tokenizer trained on them locally with the ``tokenizers`` library. Nothing is downloaded.
 
-Real code files have heavy-tailed lengths (a few dozen tokens to ~100K), which is what packing is about.
+A document is one definition of a source file: a function, a class's header or one of its methods (with its
+decorators and the comment right above it), or the module-level code between definitions (docstring, imports,
+constants). Their lengths are heavy-tailed — median about 64 tokens, a few reach thousands — which is what packing
+is for: a 256-token row holds several documents. A file's documents, joined, are the file.
 
     >>> tok = default_tokenizer()                                  # trained once (~5 s), then cached on disk
     >>> docs = default_token_docs(tok, limit_docs=4)               # list[list[int]], eos appended to each
@@ -14,6 +17,7 @@ stdlib file list, so a different interpreter gets its own tokenizer. Entries are
 
 from __future__ import annotations
 
+import ast
 import fcntl
 import hashlib
 import os
@@ -40,6 +44,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 _FORMAT_VERSION = "3"  # 3: generated tables left out (changes the file list, hence every cache key)
+DOCUMENTS = "definitions"  # one document per top-level definition (part of the corpus folder's name)
 # third-party packages, and the test suites (2/3 of the bytes; leaving them out keeps the first tokenization ~10 s)
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
 # Generated tables are not code a model should learn to write: codec maps (``encodings/cp437.py``, "generated ...
@@ -103,13 +108,54 @@ def corpus_fingerprint() -> str:
     return f"py{sys.version_info[0]}{sys.version_info[1]}-{h.hexdigest()[:12]}"
 
 
+def split_definitions(text: str) -> list[str]:
+    r"""A Python source split into documents at its definitions: each function, and each class's header (the
+    ``class`` line, its docstring and attributes) and each of its methods and nested classes, is one document (from
+    its first decorator, with the comment lines right above it); the module-level code between two definitions is
+    one. ``"".join(split_definitions(text)) == text``; a file that does not parse (another Python's syntax) stays
+    whole.
+
+        >>> split_definitions("import os\n\n# Twice.\ndef f(x):\n    return 2 * x\n\nclass A:\n    def g(self):\n"
+        ...                   "        pass\n")
+        ['import os\n\n', '# Twice.\ndef f(x):\n    return 2 * x\n\n', 'class A:\n', '    def g(self):\n        pass\n']
+    """
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        return [text]
+    lines = text.splitlines(keepends=True)
+    starts = {0}  # line indices (0-based) where a document starts
+
+    def mark(body):
+        for node in body:
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            first = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            while first > 0 and lines[first - 1].lstrip().startswith("#"):
+                first -= 1  # the comment that introduces it
+            starts.add(first)
+            after = node.end_lineno  # the code after it starts a document at its next non-blank line
+            while after < len(lines) and not lines[after].strip():
+                after += 1
+            starts.add(after)
+            if isinstance(node, ast.ClassDef):
+                mark(node.body)
+
+    mark(tree.body)
+    cuts = sorted(s for s in starts if s < len(lines))
+    docs = ["".join(lines[a:b]) for a, b in zip(cuts, [*cuts[1:], len(lines)])]
+    if len(docs) > 1 and not docs[0].strip():  # blank lines before the first definition
+        docs[1] = docs.pop(0) + docs[0]
+    return docs or [text]
+
+
 def default_documents(limit_bytes: int | None = None) -> list[str]:
-    """The stdlib source files as strings, in sorted path order. ``limit_bytes`` stops after the file that reaches
-    that many UTF-8 bytes in total (deterministic prefix of the full list)."""
+    """The documents of the stdlib source files (``split_definitions`` of each, files in sorted path order).
+    ``limit_bytes`` stops after the file that reaches that many UTF-8 bytes in total (deterministic prefix)."""
     docs, total = [], 0
     for path in stdlib_files():
         text = path.read_text(encoding="utf-8")
-        docs.append(text)
+        docs += split_definitions(text)
         total += len(text.encode("utf-8"))
         if limit_bytes is not None and total >= limit_bytes:
             break
@@ -185,12 +231,12 @@ def build_once(target: Path, build) -> Path:
 
 
 def default_token_docs(tokenizer=None, limit_docs: int | None = None) -> list[list[int]]:
-    """Every corpus file tokenized (no bos), with ``tokenizer.eos_token_id`` appended. ``limit_docs`` keeps the
-    first that many files (sorted order)."""
+    """Every corpus document (``default_documents()``) tokenized (no bos), with ``tokenizer.eos_token_id``
+    appended. ``limit_docs`` keeps the first that many documents."""
     tokenizer = tokenizer or default_tokenizer()
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
-    texts = [p.read_text(encoding="utf-8") for p in stdlib_files()[:limit_docs]]
+    texts = default_documents()[:limit_docs]
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~30 % faster than __call__
     if backend is not None:
         encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
@@ -213,7 +259,7 @@ def default_corpus_folder(tokenizer=None, max_docs: int | None = None) -> Path:
 
     tokenizer = tokenizer or default_tokenizer()
     suffix = "all" if max_docs is None else f"first{max_docs}"
-    target = cache_dir() / f"corpus-{corpus_fingerprint()}-{tokenizer_fingerprint(tokenizer)}-{suffix}"
+    target = cache_dir() / f"corpus-{corpus_fingerprint()}-{tokenizer_fingerprint(tokenizer)}-{DOCUMENTS}-{suffix}"
     build_once(target, lambda tmp: write_ftdp(tmp / "stdlib" / "python.bin", default_token_docs(tokenizer, max_docs),
                                               meta_dtype="int64"))
     return target
