@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from seqpack.data import corpus
+from seqpack.data import build_packed_loader, corpus
 from seqpack.data.corpus import default_documents, default_token_docs, default_tokenizer, train_tokenizer
 
 
@@ -17,9 +17,38 @@ def test_documents_are_sorted_stdlib_sources():
     assert len(files) > 500 and rels == sorted(rels, key=lambda r: r.replace("\\", "/"))
     assert not any("site-packages" in r for r in rels)
     docs = default_documents(limit_bytes=200_000)
-    assert docs == default_documents(limit_bytes=200_000) and 1 < len(docs) < len(files)
-    assert sum(len(d.encode()) for d in docs[:-1]) < 200_000 <= sum(len(d.encode()) for d in docs)
-    assert docs[0] == files[0].read_text(encoding="utf-8")
+    assert docs == default_documents(limit_bytes=200_000)
+    texts, total = [], 0  # whole files, up to the one that reaches 200 kB
+    for f in files:
+        texts.append(f.read_text(encoding="utf-8"))
+        total += len(texts[-1].encode())
+        if total >= 200_000:
+            break
+    assert "".join(docs) == "".join(texts) and len(docs) > 3 * len(texts)  # the files, cut at their definitions
+
+
+def test_documents_are_the_definitions_of_each_file():
+    """Each document is a function, a class header, a method or the module code between definitions; a file's
+    documents joined are the file, so nothing is lost or reordered."""
+    source = ('"""Doc."""\nimport os\n\n\n# Helper.\n@decorate\ndef f(x):\n    return x\n\n\nclass A(B):\n'
+              '    """A class."""\n    n = 1\n\n    def g(self):\n        return 2\n\n    @property\n'
+              '    def h(self):\n        return 3\n\n\nif __name__ == "__main__":\n    f(1)\n')
+    docs = corpus.split_definitions(source)
+    assert "".join(docs) == source
+    assert [d.strip().splitlines()[0] for d in docs] == ['"""Doc."""', "# Helper.", "class A(B):", "def g(self):",
+                                                        "@property", 'if __name__ == "__main__":']
+    assert docs[2] == 'class A(B):\n    """A class."""\n    n = 1\n\n'
+    assert corpus.split_definitions("def broken(:\n") == ["def broken(:\n"]  # not Python: kept whole
+    for f in corpus.stdlib_files()[:40]:
+        text = f.read_text(encoding="utf-8")
+        assert "".join(corpus.split_definitions(text)) == text, f
+
+
+def test_default_rows_hold_several_documents():
+    """What the main job shows: a 256-token row of the embedded corpus holds several documents."""
+    loader = build_packed_loader(seq_len=256, micro_num=2, max_docs=1500)
+    counts = [len(b.cu_seqlens) - 1 for _ in range(50) for b in next(loader)]
+    assert sum(counts) / len(counts) > 2 and sum(c == 1 for c in counts) < 0.5 * len(counts), counts
 
 
 def test_tokenizer_training_is_deterministic_and_complete():
@@ -49,7 +78,7 @@ def test_default_tokenizer_cached_atomically(tmp_path, monkeypatch):
 def test_token_docs_end_with_eos():
     tok = default_tokenizer()
     docs = default_token_docs(tok, limit_docs=5)
-    texts = default_documents()[:5]
+    texts = default_documents(limit_docs=5)
     assert len(docs) == 5 and all(d[-1] == tok.eos_token_id and tok.eos_token_id not in d[:-1] for d in docs)
     assert tok.decode(docs[3][:-1]) == texts[3]
 

@@ -149,17 +149,18 @@ def split_definitions(text: str) -> list[str]:
     return docs or [text]
 
 
-def default_documents(limit_bytes: int | None = None) -> list[str]:
+def default_documents(limit_bytes: int | None = None, limit_docs: int | None = None) -> list[str]:
     """The documents of the stdlib source files (``split_definitions`` of each, files in sorted path order).
-    ``limit_bytes`` stops after the file that reaches that many UTF-8 bytes in total (deterministic prefix)."""
+    ``limit_bytes`` stops after the file that reaches that many UTF-8 bytes in total, ``limit_docs`` after that
+    many documents (deterministic prefixes of the full list)."""
     docs, total = [], 0
     for path in stdlib_files():
         text = path.read_text(encoding="utf-8")
         docs += split_definitions(text)
         total += len(text.encode("utf-8"))
-        if limit_bytes is not None and total >= limit_bytes:
+        if (limit_bytes is not None and total >= limit_bytes) or (limit_docs is not None and len(docs) >= limit_docs):
             break
-    return docs
+    return docs[:limit_docs]
 
 
 def _training_texts() -> list[str]:
@@ -236,7 +237,7 @@ def default_token_docs(tokenizer=None, limit_docs: int | None = None) -> list[li
     tokenizer = tokenizer or default_tokenizer()
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
-    texts = default_documents()[:limit_docs]
+    texts = default_documents(limit_docs=limit_docs)
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: ~30 % faster than __call__
     if backend is not None:
         encoded = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
