@@ -25,7 +25,7 @@ TENSOR_FIELDS = ("input_ids", "shift_labels", "position_ids", "cu_seqlens")  # o
 
 @dataclass
 class PackedBatch:
-    """One packed row (the contract in DESIGN.md).
+    """One packed row: the data contract every part of seqpack shares.
 
     input_ids     [1, T] int64  documents concatenated, a trailing pad segment may follow
     shift_labels  [1, T] int64  target of position t; -100 at document ends, no-loss tokens and padding

@@ -163,14 +163,23 @@ def measure(mode: str, sp: int, n: int, steps: int, seed: int) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench flux", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench flux --samples 8 --steps 1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench flux", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8, help="images per batch / packed row")
     parser.add_argument("--sp", type=int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one counting step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     import torch
 

@@ -220,8 +220,12 @@ class _AttentionOnly:
         return self.fn(self.module, q, k, v, mask, scaling=self.d ** -0.5, position_ids=position_ids, **kwargs)[0]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench packing", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench packing --lengths 4096 8192 --steps 2\n  seqpack bench packing --device cuda"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench packing", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", choices=[*sorted(MODELS), "mamba", "mamba2"],
@@ -241,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="time one attention call (fwd+bwd) with the mask transformers builds, not the model")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "T"), help=argparse.SUPPRESS)  # worker mode
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
     model = args.model or ("tinyllama" if cuda else "small")

@@ -155,8 +155,12 @@ def longest_fitting(sp: int, per_token_mib: float, cap_mib: float, seed: int, mu
     return best
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench sp", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench sp --T 8192 --sp 1 2 4"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench sp", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--T", type=int, default=8192, help="total tokens of the packed row")
     parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence parallel degrees")
@@ -165,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="per-process memory cap (peak RSS growth of a step) for the longest-T search; 0 = skip")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if any(s < 1 for s in args.sp):
         parser.error(f"--sp degrees must be >= 1, got {args.sp}")

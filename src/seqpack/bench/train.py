@@ -168,8 +168,12 @@ def speed(args) -> dict:
     return times
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench train", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench train --part memory --T 8192 16384"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench train", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("all", "speed", "memory"), default="all")
     parser.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768], help="row lengths (memory)")
@@ -182,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=12, help="steps per speed measurement (2 warm-up)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one-memory", type=int, help=argparse.SUPPRESS)  # worker mode: T, then config overrides
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.one_memory:
         print(json.dumps(memory_one(args.one_memory, rest)))

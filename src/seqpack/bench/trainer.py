@@ -108,8 +108,12 @@ def measure(method: str, world: int, examples: list, batch: int, steps: int) -> 
                 peak_growth_mib=max(r["peak_growth_mib"] for r in ranks))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench trainer", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench trainer --sp 1 2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench trainer", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=8192, help="real tokens per step at most (with --batch examples per step)")
     parser.add_argument("--max-len", type=int, default=2048, help="longest example (tokens)")
@@ -118,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-T", type=int, default=8192, help="tokens of the packed row for the sp comparison")
     parser.add_argument("--sp", type=int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip part 2)")
     parser.add_argument("--json", help="also write the results to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     print(f"llama {MODEL}; CPU, one thread per process, {os.cpu_count()} cores")

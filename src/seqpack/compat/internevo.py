@@ -1,4 +1,4 @@
-"""InternEvo's manual-adaptation API, over seqpack's attention (seeds/001 "Option 2").
+"""InternEvo's manual-adaptation API (for a modeling file adapted by hand), over seqpack's attention.
 
 A modeling file patched by hand the InternEvo way keeps working unchanged:
 
@@ -17,7 +17,7 @@ and the training loop fills the slot per micro-batch:
         loss = ...model(input_ids=batch.input_ids, position_ids=batch.position_ids)...
 
 Shape legend: B batch rows, S tokens per row on this rank (T/sp under sequence parallel), H heads (Hkv for k/v),
-D head dim. This module is the one place seqpack keeps batch metadata in a global slot (DESIGN.md).
+D head dim. This module is the one place seqpack keeps batch metadata in a global slot.
 """
 
 from __future__ import annotations

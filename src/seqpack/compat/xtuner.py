@@ -14,7 +14,7 @@ Where seqpack differs from XTuner's legacy implementation, because XTuner was wr
   backward is consistent with the forward: rank r's local mean gets weight ``n_r / sum(n)``, so with gradients
   summed over the SP group (seqpack's convention) the gradient is that of the SP group's token mean. For the
   token mean over DP ranks and accumulation micro-batches too, use :class:`seqpack.parallel.StepLoss`.
-- **Rows not divisible by S get a dummy segment**, not an assert (XTuner issue #938): :func:`pad_for_sequence_parallel`
+- **Rows not divisible by S get a dummy segment**, not an assert (XTuner asserts): :func:`pad_for_sequence_parallel`
   pads the tensors; :func:`seqpack.parallel.shard_batch` also extends ``cu_seqlens``.
 - **No flash-attn requirement, any head count** (see :mod:`seqpack.parallel.heads`).
 """

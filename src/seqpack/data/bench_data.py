@@ -56,11 +56,21 @@ def bench_reading(folder: str, seq_len: int = 8192, steps: int = 50) -> dict:
     return dict(tokens_per_s=steps * seq_len / seconds, rows=steps, seconds=seconds)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+EXAMPLES = "examples:\n  seqpack bench data --docs 1000000 --pack 8192"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench data", description=__doc__.splitlines()[0],
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--docs", type=int, default=1_000_000)
     parser.add_argument("--pack", type=int, default=8192)
     parser.add_argument("--read", default=None, help="ftdp folder to measure reading throughput on")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     lengths = lognormal_lengths(args.docs)
     print(f"{args.docs} documents, LogNormal(6, 1) lengths (mean {lengths.mean():.0f}, max {lengths.max()}), "

@@ -108,14 +108,23 @@ def predict(cfg: tuple):
                                           device="cpu", keep_logits=True))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench plan", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench plan --only 0 1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench plan", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", type=int, nargs="+", help="run only these configuration indices (0-based)")
     parser.add_argument("--config", nargs=9, type=float, action="append", metavar=("HIDDEN", "LAYERS", "HEADS",
                         "KV_HEADS", "INTER", "VOCAB", "T", "CKPT", "SP"), help="run this configuration instead "
                         "(repeatable); CKPT is the fraction of checkpointed layers")
     parser.add_argument("--json", help="also write the rows to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     picked = [CONFIGS[k] for k in args.only] if args.only else CONFIGS
     if args.config:

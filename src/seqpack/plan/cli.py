@@ -1,13 +1,14 @@
 """``seqpack plan``: how long a context fits, per-rank memory broken down, and the step FLOPs.
 
-    seqpack plan path/to/hf_folder --gpus 8 --gpu-mem 80GiB --seq_len 131072 --sp 8
-    seqpack plan configs/7B_hf.py --gpus 8 --gpu-mem 80GiB --max          # longest T for every sp
-    seqpack plan config.json --gpus 8 --gpu-mem 80GiB --max --chunked-loss --tiled-mlp --json
+    seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --gpu-mem 80GiB --seq_len 131072 --sp 8
+    seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --gpu-mem 80GiB --max     # longest T for every sp
+    seqpack plan configs/shapes/qwen2.5-7b.json --gpus 8 --max --chunked-loss --tiled-mlp --json
+    seqpack plan path/to/hf_folder --gpus 8         # any local model folder, config.json or InternEvo config
 
 Defaults come from an InternEvo-style config when one is given (seq_len x micro_bsz, tensor.size as sp,
 model.checkpoint, model.dtype, micro_num); otherwise full checkpointing, fp32 master weights with bf16 autocast,
-AdamW, and the full-logits loss seqpack trains with today. ``--chunked-loss`` and ``--tiled-mlp`` plan the
-features of issue #11 (loss over sequence chunks, MLP over sequence tiles).
+AdamW, and the full-logits loss. ``--chunked-loss`` (the loss over sequence chunks, never the [T, vocab] logits)
+and ``--tiled-mlp`` (the MLP over sequence tiles, recomputed in backward) plan those step features.
 """
 
 from __future__ import annotations
@@ -46,10 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw")
     parser.add_argument("--micro-num", type=int, help="micro-batches per step (> 1 keeps gradients resident)")
     parser.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=False,
-                        help="loss over sequence chunks, never the [T, vocab] logits (issue #11)")
+                        help="loss over sequence chunks, never the [T, vocab] logits")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk")
     parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
-                        help="MLP over sequence tiles, recomputed in backward (issue #11)")
+                        help="MLP over sequence tiles, recomputed in backward")
     parser.add_argument("--mlp-tile", type=int, help="tokens per MLP tile (default: hidden size)")
     parser.add_argument("--keep-logits", action=argparse.BooleanOptionalAction, default=True,
                         help="the caller holds the logits through backward (seqpack train's loop does)")

@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=1, help="processes on this machine (starts torchrun's launcher)")
     parser.add_argument("--run_dir", help="run folder (= --train.run_dir); default runs/<UTC timestamp>")
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = "config keys (override any with --section.key VALUE):\n" + "\n".join(describe(Config))
+    keys = "config keys (override any with --section.key VALUE):\n" + "\n".join(describe(Config))
+    parser.epilog = keys + (f"\n\n{parser.epilog}" if parser.epilog else "")
 
 
 def parse_args(parser: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
