@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--samples", type=int, default=8, help="images per batch / packed row")
     parser.add_argument("--sp", type=int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one counting step")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the images and weights")
     parser.add_argument("--json", help="also write the results to this file")
     return parser
 

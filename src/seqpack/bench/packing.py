@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench packing", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (cuda: bf16, larger model)")
     parser.add_argument("--model", choices=[*sorted(MODELS), "mamba", "mamba2"],
                         help="model shape (default: small on cpu, tinyllama on cuda); mamba / mamba2: a tiny SSM, "
                         "packed vs padded (bench/packing_ssm.py)")
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpointing", choices=("on", "off"), help="activation checkpointing (default: on for "
                         "cuda, off for cpu)")
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and weights")
     parser.add_argument("--dist", choices=("lognormal", "stdlib"), default="lognormal", help="document lengths")
     parser.add_argument("--attention-only", action="store_true",
                         help="time one attention call (fwd+bwd) with the mask transformers builds, not the model")

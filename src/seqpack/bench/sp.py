@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--cap-mib", type=float, default=512.0,
                         help="per-process memory cap (peak RSS growth of a step) for the longest-T search; 0 = skip")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and weights")
     parser.add_argument("--json", help="also write the results to this file")
     return parser
 

@@ -175,12 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench train", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("all", "speed", "memory"), default="all")
+    parser.add_argument("--part", choices=("all", "speed", "memory"), default="all", help="which measurement")
     parser.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768], help="row lengths (memory)")
-    parser.add_argument("--configs", nargs="+", default=list(MEMORY_CONFIGS), choices=list(MEMORY_CONFIGS))
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--configs", nargs="+", default=list(MEMORY_CONFIGS), choices=list(MEMORY_CONFIGS),
+                        help="step features to compare (memory)")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama-shaped model")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (the logits grow with it)")
     parser.add_argument("--max-gib", type=float, default=6.0, help="do not run rows extrapolated above this peak")
     parser.add_argument("--speed-T", type=int, default=1024, help="tokens per micro-batch row (speed; 2 per step)")
     parser.add_argument("--steps", type=int, default=12, help="steps per speed measurement (2 warm-up)")

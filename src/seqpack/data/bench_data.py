@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench data", description=__doc__.splitlines()[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=1_000_000)
-    parser.add_argument("--pack", type=int, default=8192)
+    parser.add_argument("--docs", type=int, default=1_000_000, help="documents to pack (log-normal lengths)")
+    parser.add_argument("--pack", type=int, default=8192, help="tokens per pack")
     parser.add_argument("--read", default=None, help="ftdp folder to measure reading throughput on")
     return parser
 

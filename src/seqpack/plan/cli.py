@@ -44,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the config's model.checkpoint, else 1)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: bf16-autocast (fp32 master "
                         "weights), fp32 when the config says model.dtype=torch.float32")
-    parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw")
+    parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
+                        help="adamw: two fp32 moments per parameter; none: forward and backward only")
     parser.add_argument("--micro-num", type=int, help="micro-batches per step (> 1 keeps gradients resident)")
     parser.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=False,
                         help="loss over sequence chunks, never the [T, vocab] logits")

@@ -21,11 +21,11 @@ RUN_CONFIG = "seqpack_config.json"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run folder of `seqpack train`, or a Hugging Face model folder")
     parser.add_argument("--prompt", default="def ", help="text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=160)
+    parser.add_argument("--max_new_tokens", type=int, default=160, help="tokens to generate per sample")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=40)
-    parser.add_argument("--num_samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens")
+    parser.add_argument("--num_samples", type=int, default=1, help="samples to print")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = cuda:0 when a GPU is available, else cpu")
 
