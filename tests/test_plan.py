@@ -176,7 +176,7 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
 
 def test_bench_plan_smoke(tmp_path, capsys):
     """``seqpack bench plan`` end to end on a tiny row over two gloo ranks with FSDP2: the prediction is within 15 %
-    of the measured peak growth (the README's table holds the full-size figures, all within 5 %)."""
+    of the measured peak growth (docs/guides/long-context.md holds the full-size figures, all within 5 %)."""
     out = tmp_path / "plan.json"
     assert main(["bench", "plan", "--config", "64", "2", "4", "2", "176", "1024", "1024", "1", "2",
                  "--json", str(out)]) == 0

@@ -69,7 +69,8 @@ def _help(action: argparse.Action, prog: str) -> str:
 
 def parser_section(parser: argparse.ArgumentParser, level: int) -> list[str]:
     """Markdown for one parser: heading, description, usage, options table, then its subcommands."""
-    actions = [a for a in parser._actions if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
+    actions = [a for a in parser._actions
+               if a.help is not argparse.SUPPRESS and not isinstance(a, argparse._HelpAction)]
     subs = [a for a in actions if isinstance(a, argparse._SubParsersAction)]
     positionals = [a for a in actions if not a.option_strings and a not in subs]
     usage = [parser.prog, *(_positional(a) for a in positionals), *(["COMMAND"] if subs else [])]

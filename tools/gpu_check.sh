@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of seqpack, in one command, for a lent GPU machine with a short time budget (see README, "GPU").
+# The GPU checks of seqpack, in one command, for a lent GPU machine with a short time budget (see docs/guides/gpus.md).
 #
 #   bash tools/gpu_check.sh [main|flex|all]      # main (default): tests + bench packing + a seqpack train run
 #
@@ -8,7 +8,7 @@
 # so one part that hangs or fails leaves the others' results. Wheels the machine lacks (tools/gpu_wheels.sh
 # downloads them into .whl/) are installed into /tmp/site first when .whl/ is there.
 #
-# Sizes (overridable): the issue's TinyLlama shape at T = 16K (seqpack, sdpa-packed, sdpa-posids) and 64K / 128K
+# Sizes (overridable): the TinyLlama shape at T = 16K (seqpack, sdpa-packed, sdpa-posids) and 64K / 128K
 # (seqpack, sdpa-posids: the exact sdpa-packed builds a dense T x T mask, 4 GiB at 64K, and its masked kernel does
 # all T^2 work); flex_attention separately, because its first call compiles for minutes. The parts' limits add up to
 # under 600 s for `main` and for `flex`, the device tool's limit per command: run each as its own call.

@@ -1,7 +1,8 @@
 """The torch and transformers releases seqpack supports, checked once at import.
 
-The floors are the oldest releases the whole test suite passes with (README, "Two commands"); an older one fails in
-ways far from their cause (a missing FSDP2 method mid-run, a Mamba class built past seqpack's registration), so
+The floors are the oldest releases the whole test suite passes with (docs/getting-started.md, "Supported
+versions"); an older one fails in ways far from their cause (a missing FSDP2 method mid-run, a Mamba class built
+past seqpack's registration), so
 ``import seqpack`` stops at once with what to install instead. pyproject.toml states the same floors for pip."""
 
 from __future__ import annotations

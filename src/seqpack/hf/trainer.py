@@ -180,7 +180,7 @@ def check_attention_is_used(model, probe_token: int = 1) -> None:
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{name} does not support custom attention implementations (its attention, if any, does not "
                          "go through transformers' AttentionInterface), so seqpack cannot keep packed documents "
-                         "apart; use a model family listed in the README's support matrix")
+                         "apart; use a model family listed in the support matrix (docs/reference/models.md)")
     calls = 0
 
     def counting(*args, **kwargs):
@@ -208,7 +208,7 @@ def check_attention_is_used(model, probe_token: int = 1) -> None:
             model.set_attn_implementation(previous)
         raise ValueError(f"{name} never called the attention function transformers dispatches to "
                          "(attn_implementation='seqpack'): its attention is hard-coded, so seqpack cannot keep packed "
-                         "documents apart; use a model family listed in the README's support matrix")
+                         "documents apart; use a model family listed in the support matrix (docs/reference/models.md)")
 
 
 class SequenceParallelTrainer(SequenceParallelMixin, Trainer):
