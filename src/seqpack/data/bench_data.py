@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ..cli_types import positive_int
 from .packing import plan_bfd, plan_cut, plan_padded
 
 
@@ -58,8 +59,8 @@ def bench_reading(folder: str, seq_len: int = 8192, steps: int = 50) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=1_000_000)
-    parser.add_argument("--pack", type=int, default=8192)
+    parser.add_argument("--docs", type=positive_int, default=1_000_000)
+    parser.add_argument("--pack", type=positive_int, default=8192)
     parser.add_argument("--read", default=None, help="ftdp folder to measure reading throughput on")
     args = parser.parse_args(argv)
     lengths = lognormal_lengths(args.docs)
