@@ -174,7 +174,7 @@ def dispatch(model, backend: str = "auto", sp_group=None):
 
     if is_ssm(model):  # Mamba / Mamba-2: no attention; the mixers restart at every document instead
         adapt_ssm(model, sp_group=sp_group)
-        check_packing(model)
+        check_packing(model, NAME)
         return model
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
@@ -184,7 +184,7 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     model.set_attn_implementation(attn_implementation_for(model.config, NAME))
     _install(model, AttentionOptions(backend="sdpa"))  # the probe: this process alone, the exact any-dtype kernel
     try:
-        check_packing(model)
+        check_packing(model, NAME)
     except ValueError:
         model.set_attn_implementation(previous)
         raise

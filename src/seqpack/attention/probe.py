@@ -25,21 +25,22 @@ SUPPORT = ("use a model family whose attention goes through transformers' Attent
            "(data.packing='padded')")
 
 
-def check_packing(model) -> None:
-    """Run the probe (see the module docstring) on ``model``, already switched to seqpack; ValueError if it fails.
+def check_packing(model, name: str = "seqpack") -> None:
+    """Run the probe (see the module docstring) on ``model``, already switched to the attention function registered
+    as ``name``; ValueError if it fails.
 
         >>> seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))   # runs check_packing  # doctest: +SKIP
     """
     params = list(model.parameters())
     if not params or any(p.is_meta for p in params):
         return
-    device, name = params[0].device, type(model).__name__
+    device, model_name = params[0].device, type(model).__name__
     vocab = model.config.get_text_config().vocab_size
     ids = torch.tensor([[3, 5, 7, 4]], device=device) % vocab  # [1, T=4]: documents [a b | c d]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), _counting(model) as calls, _typed(name):
+        with torch.no_grad(), _counting(model, name) as calls, _typed(model_name):
             cu = torch.tensor([0, 2, 4], dtype=torch.int32, device=device)
             packed = model(input_ids=ids, position_ids=torch.tensor([[0, 1, 0, 1]], device=device), use_cache=False,
                            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=2, max_length_k=2).logits
@@ -50,14 +51,14 @@ def check_packing(model) -> None:
     finally:
         model.train(was_training)
     if reached == 0:
-        raise ValueError(f"{name} never called seqpack's attention (attn_implementation='seqpack'): its attention is "
+        raise ValueError(f"{model_name} never called seqpack's attention (attn_implementation='seqpack'): its attention is "
                          f"hard-coded, so packed documents would attend to each other; {SUPPORT}")
     tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     if params[0].dtype in (torch.float32, torch.float64) and not tf32:
         a, b = packed[0, 2:].double(), alone[0].double()
         diff, scale = (a - b).abs().max().item(), max(b.abs().max().item(), 1e-6)
         if diff > 1e-4 * scale:
-            raise ValueError(f"{name} lets packed documents see each other: the second of two packed documents gets "
+            raise ValueError(f"{model_name} lets packed documents see each other: the second of two packed documents gets "
                              f"logits {diff:.2e} away from the same document alone (scale {scale:.2e}); some layer "
                              f"does not go through seqpack's attention or state-space adapter; {SUPPORT}")
 
@@ -72,24 +73,23 @@ def _typed(name: str):
 
 
 @contextlib.contextmanager
-def _counting(model):
-    """Count calls of seqpack's attention function and of the packed state-space mixers during the block."""
+def _counting(model, name: str):
+    """Count calls of the attention function registered as ``name`` and of the packed state-space mixers."""
     from transformers import AttentionInterface
 
-    from .hf import NAME, seqpack_attention_forward
-
+    original = AttentionInterface()[name]
     calls = [0]
 
     def counting(*args, **kwargs):
         calls[0] += 1
-        return seqpack_attention_forward(*args, **kwargs)
+        return original(*args, **kwargs)
 
     handles = [m.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
                for m in model.modules() if getattr(m, "seqpack_ssm", None) is not None and m is not model]
-    AttentionInterface.register(NAME, counting)
+    AttentionInterface.register(name, counting)
     try:
         yield calls
     finally:
-        AttentionInterface.register(NAME, seqpack_attention_forward)
+        AttentionInterface.register(name, original)
         for h in handles:
             h.remove()
