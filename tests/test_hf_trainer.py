@@ -215,7 +215,7 @@ def test_models_whose_attention_seqpack_cannot_take_are_refused(tmp_path):
             out, _ = modeling_llama.eager_attention_forward(self, q, k, v, None, scaling=self.scaling)
             return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
         layer.self_attn.forward = eager_only.__get__(layer.self_attn)
-    for model, match in ((mamba, "does not support custom attention"), (hard_coded, "never called the attention")):
+    for model, match in ((mamba, "does not support custom attention"), (hard_coded, "never called seqpack.s attention")):
         with pytest.raises(ValueError, match=match):
             SequenceParallelTrainer(model=model, args=TrainingArguments(**_args(tmp_path / "run")),
                                     train_dataset=_examples(4, 0), data_collator=DataCollatorForPacking())

@@ -18,7 +18,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top. A module may import its own package and packages of lower layers, never a package of its own
 # layer or above. ``seqpack`` is the top-level package (its __init__: the public API).
 LAYERS = [
-    ("batch", "atomic", "versions"),                 # the packed-batch contract, atomic writes, version floors
+    ("batch", "atomic", "versions", "cli_types"),    # the packed-batch contract, atomic writes, version floors,
+                                                     # range-checked command-line numbers
     ("ops",),                                        # step-level operations: losses, tiled MLP, fused kernels
     ("parallel",),                                   # topology, collectives, Ulysses heads, SP shards, FSDP2
     ("ssm",),                                        # Mamba / Mamba-2 on packed rows

@@ -71,7 +71,7 @@ def record_forwards():
     seen = []
 
     def record(module, args):
-        if isinstance(module, torch.nn.Embedding):
+        if isinstance(module, torch.nn.Embedding) and module.training:  # not the packing probe (eval)
             state = hashlib.sha1(torch.get_rng_state().numpy().tobytes()).hexdigest()
             seen.append((args[0].flatten().tolist(), state))
 
@@ -215,7 +215,7 @@ def test_loop_publishes_each_micro_batch_to_the_internevo_gpc_slot(tmp_path):
     seen = []
 
     def record(module, args):
-        if type(module).__name__ == "LlamaAttention":
+        if type(module).__name__ == "LlamaAttention" and module.training:  # not the packing probe (eval)
             data = gpc.config.data
             seen.append((data.get("use_packed_dataset"), data.get("cu_seqlens_data_rank0"),
                          data.get("max_seqlen_data_rank0")))

@@ -140,6 +140,22 @@ def positions_from_cu_seqlens(cu: Sequence[int], device=None) -> torch.Tensor:
     return torch.from_numpy(positions).to(device)
 
 
+def _token_ids(doc, i: int) -> torch.Tensor:
+    """Document ``i`` as a 1-D int64 tensor; TypeError for non-integer ids, ValueError for other shapes."""
+    d = doc if isinstance(doc, torch.Tensor) else torch.as_tensor(doc)
+    if d.numel() == 0:
+        raise ValueError(f"document {i} is empty; every packed document needs at least one token")
+    if d.dim() != 1:
+        raise ValueError(f"document {i} has shape {tuple(d.shape)}; a document is a 1-D sequence of token ids "
+                         "(for a 2-D tensor of documents pass list(tensor), one document per row)")
+    if d.dtype.is_floating_point or d.dtype.is_complex or d.dtype == torch.bool:
+        raise TypeError(f"document {i} holds {d.dtype} values; token ids must be integers (e.g. ids.long())")
+    if int(d.min()) < 0:
+        raise ValueError(f"document {i} has a negative token id ({int(d.min())}) at position "
+                         f"{int((d < 0).nonzero()[0])}; ids must be >= 0 (no-loss tokens go in loss_masks)")
+    return d.long()
+
+
 def length_buckets(lengths: list[int], min_fill: float = 0.75) -> list[list[int]]:
     """Group document indices so that every document in a bucket has at least ``min_fill`` of the bucket's
     longest length (bounds the padded work to 1/min_fill^2 of the exact work). Longest buckets first."""
@@ -176,13 +192,14 @@ def pack(
         raise ValueError(f"pack() got {len(docs)} documents but {len(loss_masks)} loss masks; give one mask per document")
     ids, labels, lengths = [], [], []
     for i, doc in enumerate(docs):
-        d = torch.as_tensor(doc, dtype=torch.long).reshape(-1)
-        if d.numel() == 0:
-            raise ValueError(f"document {i} is empty; every packed document needs at least one token")
+        d = _token_ids(doc, i)
         lab = torch.full_like(d, IGNORE_INDEX)
         lab[:-1] = d[1:]
         if loss_masks is not None:
-            m = torch.as_tensor(loss_masks[i], dtype=torch.bool).reshape(-1)
+            m = torch.as_tensor(loss_masks[i])
+            if m.dim() != 1:
+                raise ValueError(f"loss mask {i} has shape {tuple(m.shape)}; a loss mask is 1-D, one entry per token")
+            m = m.to(torch.bool)
             if m.numel() != d.numel():
                 raise ValueError(f"loss mask {i} has {m.numel()} entries but document {i} has {d.numel()} tokens")
             lab[:-1][~m[1:]] = IGNORE_INDEX

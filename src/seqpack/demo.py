@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import time
 
+from .cli_types import positive_float, positive_int
+
 
 def add_arguments(parser):
-    parser.add_argument("--steps", type=int, default=60, help="optimizer steps")
-    parser.add_argument("--seq_len", type=int, default=1024, help="tokens per packed row")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden size of the tiny Llama")
-    parser.add_argument("--layers", type=int, default=2, help="number of layers")
-    parser.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--steps", type=positive_int, default=60, help="optimizer steps")
+    parser.add_argument("--seq_len", type=positive_int, default=1024, help="tokens per packed row")
+    parser.add_argument("--hidden", type=positive_int, default=128, help="hidden size of the tiny Llama")
+    parser.add_argument("--layers", type=positive_int, default=2, help="number of layers")
+    parser.add_argument("--lr", type=positive_float, default=3e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation")
 
 

@@ -25,7 +25,8 @@ from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
 from .backends import compute_dtype, resolve_backend
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
-from .multimodal import attn_implementation_for, bidirectional_attention, is_multimodal, prepare_multimodal
+from .multimodal import (attn_implementation_for, attn_implementations, bidirectional_attention, is_multimodal,
+                         prepare_multimodal)
 
 NAME = "seqpack"
 
@@ -161,24 +162,38 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
     implementation (:mod:`seqpack.attention.multimodal`).
     Mamba / Mamba-2 have no attention: their mixers are adapted instead (:func:`seqpack.ssm.adapt_ssm`).
+    Before it returns, the packing probe (:mod:`seqpack.attention.probe`) checks on two tiny packed documents that
+    they stay apart; ValueError naming the model otherwise (its attention is restored).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     from ..ssm import adapt_ssm, is_ssm
+    from .probe import check_packing
 
     if is_ssm(model):  # Mamba / Mamba-2: no attention; the mixers restart at every document instead
-        return adapt_ssm(model, sp_group=sp_group)
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(attn_implementation_for(model.config, NAME))
-    else:
+        adapt_ssm(model, sp_group=sp_group)
+        check_packing(model, NAME)
+        return model
+    if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
     if group_size(sp_group) > 1:  # fail before training when the heads cannot be split over sp_group
         check_model_heads(model.config, group_size(sp_group))
-    opts = AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None)
+    previous = attn_implementations(model.config)
+    model.set_attn_implementation(attn_implementation_for(model.config, NAME))
+    _install(model, AttentionOptions(backend="sdpa"))  # the probe: this process alone, the exact any-dtype kernel
+    try:
+        check_packing(model, NAME)
+    except ValueError:
+        model.set_attn_implementation(previous)
+        raise
+    _install(model, AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None))
+    return model
+
+
+def _install(model, opts: AttentionOptions) -> None:
     for m in model.modules():
         m.seqpack_options = opts
     if is_multimodal(model):  # encoders never see packed metadata; with SP the split follows the image merge
         prepare_multimodal(model, opts.sp_group)
-    return model

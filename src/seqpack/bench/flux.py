@@ -23,6 +23,7 @@ import os
 import statistics
 import time
 
+from ..cli_types import positive_int
 from .sp import spawn_ranks, write_rank_result
 
 MODEL = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=32,
@@ -170,9 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench flux", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=8, help="images per batch / packed row")
-    parser.add_argument("--sp", type=int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one counting step")
+    parser.add_argument("--samples", type=positive_int, default=8, help="images per batch / packed row")
+    parser.add_argument("--sp", type=positive_int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps after one counting step")
     parser.add_argument("--seed", type=int, default=0, help="seed of the images and weights")
     parser.add_argument("--json", help="also write the results to this file")
     return parser

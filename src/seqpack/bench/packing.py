@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_types import positive_int
 from .measure import _padded_micro_batches, _peak_rss_mb, _rss_mb, doc_lengths, render_table, run_worker
 
 MODELS = {
@@ -231,14 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", choices=[*sorted(MODELS), "mamba", "mamba2"],
                         help="model shape (default: small on cpu, tinyllama on cuda); mamba / mamba2: a tiny SSM, "
                         "packed vs padded (bench/packing_ssm.py)")
-    parser.add_argument("--lengths", type=int, nargs="+", help="row lengths T (default: 4096 8192 16384 on cpu, "
+    parser.add_argument("--lengths", type=positive_int, nargs="+", help="row lengths T (default: 4096 8192 16384 on cpu, "
                         "16384 65536 131072 on cuda)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: seqpack sdpa-packed sdpa-posids "
                         "padded on cpu, seqpack sdpa-packed sdpa-posids flex-packed flex-posids on cuda")
-    parser.add_argument("--median", type=int, help="median document length (default 400 on cpu, 1024 on cuda)")
+    parser.add_argument("--median", type=positive_int, help="median document length (default 400 on cpu, 1024 on cuda)")
     parser.add_argument("--checkpointing", choices=("on", "off"), help="activation checkpointing (default: on for "
                         "cuda, off for cpu)")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps after one warm-up")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and weights")
     parser.add_argument("--dist", choices=("lognormal", "stdlib"), default="lognormal", help="document lengths")
     parser.add_argument("--attention-only", action="store_true",
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     print(render_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if results and all("failed" in r for r in results):
+        print("seqpack bench packing: error: every measurement failed (see the reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -24,6 +24,8 @@ import statistics
 import tempfile
 import time
 
+from ..cli_types import non_negative_float, positive_int
+
 MODEL = dict(vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, max_position_embeddings=1 << 17)
 
@@ -162,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench sp", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--T", type=int, default=8192, help="total tokens of the packed row")
-    parser.add_argument("--sp", type=int, nargs="+", default=[1, 2, 4], help="sequence parallel degrees")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps after one warm-up")
-    parser.add_argument("--cap-mib", type=float, default=512.0,
+    parser.add_argument("--T", type=positive_int, default=8192, help="total tokens of the packed row")
+    parser.add_argument("--sp", type=positive_int, nargs="+", default=[1, 2, 4], help="sequence parallel degrees")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed steps after one warm-up")
+    parser.add_argument("--cap-mib", type=non_negative_float, default=512.0,
                         help="per-process memory cap (peak RSS growth of a step) for the longest-T search; 0 = skip")
     parser.add_argument("--seed", type=int, default=0, help="seed of the document lengths and weights")
     parser.add_argument("--json", help="also write the results to this file")

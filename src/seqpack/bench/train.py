@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli_types import positive_float, positive_int
+
 MEMORY_CONFIGS = {  # name -> overrides
     "full logits": ["--loss.chunked", "False", "--model.tiled_mlp", "False"],
     "chunked loss": ["--loss.chunked", "True", "--model.tiled_mlp", "False"],
@@ -176,15 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="seqpack bench train", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("all", "speed", "memory"), default="all", help="which measurement")
-    parser.add_argument("--T", type=int, nargs="+", default=[8192, 16384, 32768], help="row lengths (memory)")
+    parser.add_argument("--T", type=positive_int, nargs="+", default=[8192, 16384, 32768], help="row lengths (memory)")
     parser.add_argument("--configs", nargs="+", default=list(MEMORY_CONFIGS), choices=list(MEMORY_CONFIGS),
                         help="step features to compare (memory)")
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the Llama-shaped model")
-    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (the logits grow with it)")
-    parser.add_argument("--max-gib", type=float, default=6.0, help="do not run rows extrapolated above this peak")
-    parser.add_argument("--speed-T", type=int, default=1024, help="tokens per micro-batch row (speed; 2 per step)")
-    parser.add_argument("--steps", type=int, default=12, help="steps per speed measurement (2 warm-up)")
+    parser.add_argument("--hidden", type=positive_int, default=256, help="hidden size of the Llama-shaped model")
+    parser.add_argument("--layers", type=positive_int, default=2, help="decoder layers")
+    parser.add_argument("--vocab", type=positive_int, default=32000, help="vocabulary size (the logits grow with it)")
+    parser.add_argument("--max-gib", type=positive_float, default=6.0, help="do not run rows extrapolated above this peak")
+    parser.add_argument("--speed-T", type=positive_int, default=1024, help="tokens per micro-batch row (speed; 2 per step)")
+    parser.add_argument("--steps", type=positive_int, default=12, help="steps per speed measurement (2 warm-up)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--one-memory", type=int, help=argparse.SUPPRESS)  # worker mode: T, then config overrides
     return parser

@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 
+from ..cli_types import positive_int
 from .sp import MODEL, _reset_peak, _status_kib
 
 
@@ -115,12 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench trainer", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=8192, help="real tokens per step at most (with --batch examples per step)")
-    parser.add_argument("--max-len", type=int, default=2048, help="longest example (tokens)")
-    parser.add_argument("--batch", type=int, default=8, help="examples per step (per_device_train_batch_size)")
-    parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps after one warm-up step")
-    parser.add_argument("--long-T", type=int, default=8192, help="tokens of the packed row for the sp comparison")
-    parser.add_argument("--sp", type=int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip part 2)")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="real tokens per step at most (with --batch examples per step)")
+    parser.add_argument("--max-len", type=positive_int, default=2048, help="longest example (tokens)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="examples per step (per_device_train_batch_size)")
+    parser.add_argument("--steps", type=positive_int, default=2, help="timed optimizer steps after one warm-up step")
+    parser.add_argument("--long-T", type=positive_int, default=8192, help="tokens of the packed row for the sp comparison")
+    parser.add_argument("--sp", type=positive_int, nargs="*", default=[1, 2, 4], help="SP degrees (empty: skip part 2)")
     parser.add_argument("--json", help="also write the results to this file")
     return parser
 

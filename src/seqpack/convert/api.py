@@ -120,6 +120,21 @@ def _interleaved(cfg: dict, override: bool | None) -> bool:
                      "qk_interleaved=True / adapt_hf=False), --qk_interleaved false otherwise")
 
 
+def _missing_tp_ratio(state: dict, arch) -> int | None:
+    """k when every mis-shaped tensor is exactly 1/k of its expected size along one dimension (the files of the
+    higher tensor-parallel ranks are missing), else None."""
+    ratios = set()
+    for name, want in families.hf_shapes(arch).items():
+        got = tuple(state[name].shape) if name in state else want
+        if got == want:
+            continue
+        diff = [d for d in range(len(want)) if len(got) == len(want) and got[d] != want[d]]
+        if len(diff) != 1 or got[diff[0]] == 0 or want[diff[0]] % got[diff[0]]:
+            return None
+        ratios.add(want[diff[0]] // got[diff[0]])
+    return ratios.pop() if len(ratios) == 1 else None
+
+
 def _check_internevo_config(cfg: dict, where: Path) -> None:
     need = ["num_layers", "hidden_size", "num_attention_heads", "vocab_size"]
     if missing := [k for k in need if k not in cfg]:
@@ -199,7 +214,16 @@ def internevo_to_hf(src, tgt, tokenizer, *, model: str | None = None, dtype: str
     head = "output.weight" if family == "internlm2" else "lm_head.weight"
     if cfg.get("norm_head"):
         state[head] = torch.nn.functional.normalize(state[head].float(), dim=-1).to(state[head].dtype)
-    families.check_hf_state(state, arch, str(src))
+    try:
+        families.check_hf_state(state, arch, str(src))
+    except ValueError as e:
+        k = _missing_tp_ratio(state, arch)
+        if k is None:
+            raise
+        names = ", ".join(f"model_tp{t}_pp*.pt" for t in range(tp, tp * k))
+        raise ValueError(f"{src}: missing shard files: the tensors split over tensor-parallel ranks are 1/{k} of "
+                         f"their size in model_config.pt, so this is a tp={tp * k} checkpoint with only the files "
+                         f"of tp ranks 0..{tp - 1}; copy {names} into the folder") from e
     state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
     if scaling_factor is None:
         scaling_factor = 2.0 if family == "internlm2" else 1.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_types import positive_float, positive_int
 from .api import DTYPES, hf_to_internevo, internevo_to_hf
 
 
@@ -26,10 +27,10 @@ def _to_hf_arguments(p: argparse.ArgumentParser, family: str | None = None) -> N
                    help="sentencepiece .model file (converted to tokenizer.json) or a tokenizer folder (copied)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="dtype of the saved weights")
     p.add_argument("--max_shard", default="10GB", help="max size of one safetensors shard (10GB, 500MB, 2GiB)")
-    p.add_argument("--max_pos", type=int, default=4096, help="max_position_embeddings (usually the training seq_len)")
+    p.add_argument("--max_pos", type=positive_int, default=4096, help="max_position_embeddings (usually the training seq_len)")
     p.add_argument("--rotary_type", default="origin", choices=["origin", "dynamic"],
                    help="origin: plain rotary; dynamic: dynamic NTK scaling beyond --max_pos")
-    p.add_argument("--scaling_factor", type=float, default=None,
+    p.add_argument("--scaling_factor", type=positive_float, default=None,
                    help="dynamic NTK factor (default 1.0 for InternLM, 2.0 for InternLM2)")
     if family is None:
         p.add_argument("--model", choices=["internlm", "internlm2"], default=None,
@@ -48,8 +49,8 @@ def _to_hf_arguments(p: argparse.ArgumentParser, family: str | None = None) -> N
 def _to_internevo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--src", required=True, help="Hugging Face folder (config.json + safetensors or .bin)")
     p.add_argument("--tgt", required=True, help="output InternEvo folder (created atomically)")
-    p.add_argument("--tp_size", type=int, default=1, help="tensor-parallel size of the output")
-    p.add_argument("--pp_size", type=int, default=1, help="pipeline stages of the output (InternEvo's partition)")
+    p.add_argument("--tp_size", type=positive_int, default=1, help="tensor-parallel size of the output")
+    p.add_argument("--pp_size", type=positive_int, default=1, help="pipeline stages of the output (InternEvo's partition)")
     p.add_argument("--embed_split", action="store_true",
                    help="embed_split_hidden: split the embedding on the hidden dim (default: on the vocab)")
     p.add_argument("--use_flash", action="store_true", help="write use_flash_attn=True into model_config.pt")

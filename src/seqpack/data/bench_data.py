@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ..cli_types import positive_int
 from .packing import plan_bfd, plan_cut, plan_padded
 
 
@@ -63,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of this benchmark (also the source of its reference page)."""
     parser = argparse.ArgumentParser(prog="seqpack bench data", description=__doc__.splitlines()[0],
                                      epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=1_000_000, help="documents to pack (log-normal lengths)")
-    parser.add_argument("--pack", type=int, default=8192, help="tokens per pack")
+    parser.add_argument("--docs", type=positive_int, default=1_000_000, help="documents to pack (log-normal lengths)")
+    parser.add_argument("--pack", type=positive_int, default=8192, help="tokens per pack")
     parser.add_argument("--read", default=None, help="ftdp folder to measure reading throughput on")
     return parser
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli_types import positive_int
 from .ftdp import FtdpError, FtdpFile, check_ids, file_type, list_bin_files
 
 META_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))  # InternEvo's tool writes int32, XTuner's int64
@@ -107,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("folder", help="ftdp training folder (FOLDER/<type>/.../*.bin + *.bin.meta)")
     vocab = check.add_mutually_exclusive_group()
     vocab.add_argument("--tokenizer", default=None, help="local tokenizer folder: ids must be < len(tokenizer)")
-    vocab.add_argument("--vocab-size", type=int, default=None, help="ids must be < this")
+    vocab.add_argument("--vocab-size", type=positive_int, default=None, help="ids must be < this")
     check.add_argument("--data-order-file", default=None, help="read the files in this order (as training does)")
 
 

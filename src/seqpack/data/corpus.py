@@ -29,6 +29,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from ..atomic import umask
+
 VOCAB_SIZE = 4096
 TRAIN_BYTES = 3_000_000  # tokenizer trained on an evenly spaced subset of files of about this size (~10 s on 2 cores)
 SPECIAL_TOKENS = dict(pad_token="<|pad|>", bos_token="<|bos|>", eos_token="<|endoftext|>")  # ids 0, 1, 2
@@ -224,6 +226,7 @@ def build_once(target: Path, build) -> Path:
         if not target.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
             try:
+                os.chmod(tmp, 0o777 & ~umask())  # a shared cache: the user's umask, not mkdtemp's owner-only
                 build(tmp)
                 os.replace(tmp, target)
             finally:

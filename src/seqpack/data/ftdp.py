@@ -322,6 +322,9 @@ def list_bin_files(folder: str | os.PathLike, data_order_file: str | os.PathLike
     if not root.is_dir():
         raise ValueError(f"train_folder {root} does not exist or is not a directory")
     if data_order_file is not None:
+        if not Path(data_order_file).is_file():
+            raise ValueError(f"data_order_file {str(data_order_file)!r} does not exist; give a text file listing "
+                             f"the .bin files to use, one per line, relative to {root}")
         rels = []
         for n, line in enumerate(Path(data_order_file).read_text().splitlines(), start=1):
             rel = line.strip()

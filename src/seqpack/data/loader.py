@@ -96,6 +96,11 @@ class PackedLoader:
     def _select_documents(self, min_length, min_length_dict, max_docs) -> list[np.ndarray]:
         """Per file: indices of the documents kept (min_length filter, then the first ``max_docs`` overall)."""
         keep, budget = [], max_docs
+        unmatched = [k for k in (min_length_dict or {}) if not any(k in os.path.join(self.folder, r) for r in self.rels)]
+        if unmatched:  # like dataset_weights: a key that matches nothing is a typo, not a no-op
+            more = " ..." if len(self.rels) > 5 else ""
+            raise ValueError(f"min_length_dict keys {unmatched} match no .bin file path (keys are substrings of the "
+                             f"path; files: {self.rels[:5]}{more})")
         for rel, f in zip(self.rels, self.files):
             full = os.path.join(self.folder, rel)  # InternEvo matches the keys against the full path
             idx = np.flatnonzero(f.lengths >= min_length_for(full, min_length, min_length_dict))

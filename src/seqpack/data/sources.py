@@ -57,8 +57,14 @@ def iter_records(path: Path, split: str | None = None) -> Iterator[tuple[str, di
     if is_datasets_folder(path):
         yield from _iter_datasets(path, split)
     elif path.suffix in JSONL_SUFFIXES:
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(f"{path} line {n}: not UTF-8 text (byte {raw[err.start]:#04x} at column "
+                                     f"{err.start + 1}); convert the file to UTF-8 (e.g. iconv -f LATIN1 -t UTF-8)"
+                                     ) from err
                 if not line.strip():
                     continue
                 try:

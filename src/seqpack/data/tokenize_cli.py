@@ -13,15 +13,20 @@ tokenizer is a local path (``AutoTokenizer.from_pretrained(path)``) or, by defau
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..cli_types import non_negative_int
 from .check import length_stats
 from .corpus import load_tokenizer
-from .ftdp import FtdpWriter
+from .ftdp import META_SUFFIX, FtdpWriter
 from .sources import encode_chat, encode_text, find_inputs, iter_records, record_kind
 
 
@@ -39,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prepend the bos token to text records when the tokenizer has one (default: on)")
     parser.add_argument("--eos", action=argparse.BooleanOptionalAction, default=True,
                         help="append the eos token to text records (default: on)")
-    parser.add_argument("--max-length", type=int, default=0, help="truncate documents to this many tokens (0: off)")
+    parser.add_argument("--max-length", type=non_negative_int, default=0,
+                        help="truncate documents to this many tokens (0: off)")
     parser.add_argument("--meta-dtype", choices=("int32", "int64"), default="int32",
                         help="dtype of .bin.meta (int32 like InternEvo, int64 for files > 2 GiB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,17 +54,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def tokenize_inputs(inputs, output, tokenizer, *, type_="", text_key="text", messages_key="messages", split=None,
                     bos=True, eos=True, max_length=0, meta_dtype="int32", progress=True) -> dict:
     """Tokenize every input into ``output`` (see the module docstring). Returns the summary dict: files,
-    documents, tokens, loss_tokens, chat/text document counts, length percentiles."""
-    from tqdm.auto import tqdm
-
+    documents, tokens, loss_tokens, chat/text document counts, length percentiles. All-or-nothing: the files are
+    written into a staging folder and moved into ``output`` only when every input is tokenized."""
     jobs = [(src, rel) for path in inputs for src, rel in find_inputs(path)]
     out_root = Path(output) / type_ if type_ else Path(output)
+    made = [p for p in (out_root, *out_root.parents) if not p.exists()]  # removed again if nothing is written
+    out_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".seqpack-tokenize-", dir=out_root))  # all files, or none of them
+    try:
+        try:
+            summary = _tokenize_jobs(jobs, out_root, staging, tokenizer, text_key, messages_key, split, bos, eos,
+                                     max_length, meta_dtype, progress)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            for folder in made:  # innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            raise
+        for written in summary["files"]:  # every input tokenized: move the files into place
+            rel = Path(written).relative_to(out_root)
+            for suffix in ("", META_SUFFIX):
+                (out_root / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging / f"{rel}{suffix}", out_root / f"{rel}{suffix}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def _tokenize_jobs(jobs, out_root, staging, tokenizer, text_key, messages_key, split, bos, eos, max_length,
+                   meta_dtype, progress) -> dict:
+    from tqdm.auto import tqdm
+
     lengths, loss_tokens, kinds, written = [], 0, {"text": 0, "chat": 0}, []
     bar = tqdm(total=None, unit=" docs", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for src, rel in jobs:
         target = out_root / f"{rel}.bin"
         bar.set_description(str(src)[-40:])
-        with FtdpWriter(target, meta_dtype=np.dtype(meta_dtype)) as writer:
+        with FtdpWriter(staging / f"{rel}.bin", meta_dtype=np.dtype(meta_dtype)) as writer:
             for where, record in iter_records(src, split):
                 kind = record_kind(record, where, text_key, messages_key)
                 if kind == "chat":

@@ -40,6 +40,24 @@ class FluxSample:
     target: torch.Tensor | None = None
     guidance: float | None = None
 
+    def __post_init__(self):
+        """Shapes and dtypes checked here, so a wrong one names its field instead of shifting later samples."""
+        for name, dims in (("img", 2), ("txt", 2), ("pooled", 1), ("img_ids", 2), ("txt_ids", 2), ("target", 2)):
+            x = getattr(self, name)
+            if x is None and name == "target":
+                continue
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"FluxSample.{name} must be a torch.Tensor, got {type(x).__name__}")
+            if x.dim() != dims:
+                raise ValueError(f"FluxSample.{name} has shape {tuple(x.shape)}; expected {dims} dimensions")
+            if name in ("img", "txt", "pooled", "target") and not x.dtype.is_floating_point:
+                raise TypeError(f"FluxSample.{name} has dtype {x.dtype}; expected a floating-point tensor")
+        if self.target is not None and self.target.shape[0] != self.img.shape[0]:
+            raise ValueError(f"FluxSample.target has {self.target.shape[0]} tokens but img has {self.img.shape[0]}; "
+                             "the target is one row per image token [Li, Cout]")
+        if not 0.0 <= float(self.timestep) <= 1.0:
+            raise ValueError(f"FluxSample.timestep={self.timestep} must lie in [0, 1] (the model multiplies by 1000)")
+
 
 @dataclass
 class FluxRow:
@@ -104,6 +122,12 @@ def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> 
                              f"({s.txt.shape[0]}) and txt_ids ({s.txt_ids.shape[0]}) token counts disagree or are 0")
         if (s.target is None) != (ref.target is None) or (s.guidance is None) != (ref.guidance is None):
             raise ValueError(f"pack_flux: sample {i} sets target/guidance differently from sample 0")
+        if s.target is not None and s.target.shape != (s.img.shape[0], ref.target.shape[1]):
+            raise ValueError(f"pack_flux: sample {i}: target has shape {tuple(s.target.shape)}, expected "
+                             f"[{s.img.shape[0]}, {ref.target.shape[1]}] (one row per image token)")
+        if s.pooled.shape != ref.pooled.shape:
+            raise ValueError(f"pack_flux: sample {i}: pooled has shape {tuple(s.pooled.shape)}, sample 0's is "
+                             f"{tuple(ref.pooled.shape)}")
     n = len(samples)
     txt_lens = [s.txt.shape[0] for s in samples]
     img_lens = [s.img.shape[0] for s in samples]

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..atomic import folder_swap
 from ..parallel import all_reduce_gradients
 from ..parallel.comm import all_reduce_sum
 from ..train.task import RunParts
@@ -147,8 +148,8 @@ class Flux:
         """A diffusers folder ``RUN_DIR/diffusers`` (written by rank 0)."""
         out_dir = run_dir / "diffusers"
         if not dist.is_initialized() or dist.get_rank() == 0:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            parts.model.save_pretrained(out_dir)
+            with folder_swap(out_dir) as tmp:  # a full disk leaves the previous export, never half of one
+                parts.model.save_pretrained(tmp)
         return out_dir
 
     def outputs(self, run_dir: Path, exported: Path | None) -> str:

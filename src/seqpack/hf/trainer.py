@@ -35,7 +35,6 @@ from torch.utils.data import DistributedSampler
 from transformers import Trainer
 
 from ..attention import dispatch
-from ..attention.hf import NAME as SEQPACK_ATTENTION
 from ..batch import IGNORE_INDEX
 from ..ops.loss import token_loss_sum
 from ..parallel import init_topology, shard_batch
@@ -59,8 +58,7 @@ class SequenceParallelMixin:
             self.gather_function = self.accelerator.gather
 
     def _dispatch(self, model):
-        check_attention_is_used(model)
-        return dispatch(model, backend=self.attn_backend, sp_group=self.topology.sp_group)
+        return check_attention_is_used(model, backend=self.attn_backend, sp_group=self.topology.sp_group)
 
     def call_model_init(self, trial=None):
         """``model_init`` models (re-created by ``train()``) get the same attention and SP group."""
@@ -168,47 +166,16 @@ class SequenceParallelMixin:
         return torch.tensor(total / max(count, 1.0), device=logits.device), None, None
 
 
-def check_attention_is_used(model, probe_token: int = 1) -> None:
-    """Run two 1-token documents through ``model`` and check that its layers call the ``"seqpack"`` attention
-    function. Raises ValueError for models whose attention does not go through transformers' ``AttentionInterface``
-    (state-space models, older modeling files): packed documents would silently attend to each other there."""
-    from transformers import AttentionInterface
-
-    from ..attention.hf import seqpack_attention_forward
-
+def check_attention_is_used(model, backend: str = "auto", sp_group=None):
+    """Refuse models whose attention does not go through transformers' ``AttentionInterface``, then
+    :func:`seqpack.dispatch` the model, whose packing probe checks that two tiny packed documents stay apart
+    (ValueError otherwise); returns the model."""
     name = type(model).__name__
     if not getattr(model, "_supports_attention_backend", False):
         raise ValueError(f"{name} does not support custom attention implementations (its attention, if any, does not "
                          "go through transformers' AttentionInterface), so seqpack cannot keep packed documents "
                          "apart; use a model family listed in the support matrix (docs/reference/models.md)")
-    calls = 0
-
-    def counting(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        return seqpack_attention_forward(*args, **kwargs)
-
-    previous = getattr(model.config, "_attn_implementation", None)
-    was_training = model.training
-    dispatch(model)
-    AttentionInterface.register(SEQPACK_ATTENTION, counting)
-    try:
-        model.eval()
-        device = next(model.parameters()).device
-        ids = torch.full((1, 2), probe_token, dtype=torch.long, device=device)
-        cu = torch.tensor([0, 1, 2], dtype=torch.int32, device=device)
-        with torch.no_grad():
-            model(input_ids=ids, position_ids=torch.zeros_like(ids), cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                  max_length_q=1, max_length_k=1, use_cache=False)
-    finally:
-        AttentionInterface.register(SEQPACK_ATTENTION, seqpack_attention_forward)
-        model.train(was_training)
-    if calls == 0:
-        if previous is not None and previous != SEQPACK_ATTENTION:
-            model.set_attn_implementation(previous)
-        raise ValueError(f"{name} never called the attention function transformers dispatches to "
-                         "(attn_implementation='seqpack'): its attention is hard-coded, so seqpack cannot keep packed "
-                         "documents apart; use a model family listed in the support matrix (docs/reference/models.md)")
+    return dispatch(model, backend=backend, sp_group=sp_group)
 
 
 class SequenceParallelTrainer(SequenceParallelMixin, Trainer):

@@ -18,6 +18,7 @@ import json
 import sys
 from dataclasses import replace
 
+from ..cli_types import fraction, non_negative_float, positive_int
 from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, plan_memory, sp_candidates
 from .shape import load_shape
 
@@ -32,35 +33,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("source", help="local HF model folder, config.json, or InternEvo-style config (.py)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs (ranks); FSDP2 shards over all of them")
+    parser.add_argument("--gpus", type=positive_int, default=1, help="GPUs (ranks); FSDP2 shards over all of them")
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 80GB, 141GB (default 80GiB)")
     what = parser.add_mutually_exclusive_group()
-    what.add_argument("--seq_len", "--seq-len", type=int, help="tokens of one packed row (default: the config's "
+    what.add_argument("--seq_len", "--seq-len", type=positive_int, help="tokens of one packed row (default: the config's "
                       "seq_len x micro_bsz, else 8192)")
     what.add_argument("--max", action="store_true", help="longest seq_len that fits, for every sp dividing "
                       "--gpus and the heads (or only --sp)")
-    parser.add_argument("--sp", type=int, help="sequence-parallel degree (default: the config's, else 1)")
-    parser.add_argument("--checkpoint", type=float, help="fraction of layers with activation checkpointing "
+    parser.add_argument("--sp", type=positive_int, help="sequence-parallel degree (default: the config's, else 1)")
+    parser.add_argument("--checkpoint", type=fraction, help="fraction of layers with activation checkpointing "
                         "(default: the config's model.checkpoint, else 1)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: bf16-autocast (fp32 master "
                         "weights), fp32 when the config says model.dtype=torch.float32")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="adamw: two fp32 moments per parameter; none: forward and backward only")
-    parser.add_argument("--micro-num", type=int, help="micro-batches per step (> 1 keeps gradients resident)")
+    parser.add_argument("--micro-num", type=positive_int, help="micro-batches per step (> 1 keeps gradients resident)")
     parser.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=False,
                         help="loss over sequence chunks, never the [T, vocab] logits")
-    parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per loss chunk")
+    parser.add_argument("--loss-chunk", type=positive_int, default=4096, help="tokens per loss chunk")
     parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
                         help="MLP over sequence tiles, recomputed in backward")
-    parser.add_argument("--mlp-tile", type=int, help="tokens per MLP tile (default: hidden size)")
+    parser.add_argument("--mlp-tile", type=positive_int, help="tokens per MLP tile (default: hidden size)")
     parser.add_argument("--keep-logits", action=argparse.BooleanOptionalAction, default=True,
                         help="the caller holds the logits through backward (seqpack train's loop does)")
     parser.add_argument("--kv-repeat", action="store_true", help="the attention kernel cannot share KV heads "
                         "(torch 2.11's varlen_attn): k and v are repeated to all heads")
-    parser.add_argument("--doc-len", type=int, help="document length for attention FLOPs (default: the row)")
-    parser.add_argument("--slack", type=float, default=0.10, help="allocator slack, fraction of the peak (0.10)")
-    parser.add_argument("--reserve-gib", type=float, default=1.0, help="CUDA context + NCCL, GiB (1.0)")
-    parser.add_argument("--vocab-size", type=int, help="vocabulary when the config leaves it to the tokenizer")
+    parser.add_argument("--doc-len", type=positive_int, help="document length for attention FLOPs (default: the row)")
+    parser.add_argument("--slack", type=non_negative_float, default=0.10, help="allocator slack, fraction of the peak (0.10)")
+    parser.add_argument("--reserve-gib", type=non_negative_float, default=1.0, help="CUDA context + NCCL, GiB (1.0)")
+    parser.add_argument("--vocab-size", type=positive_int, help="vocabulary when the config leaves it to the tokenizer")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 

@@ -102,7 +102,14 @@ def shape_from_config_json(path: str | Path) -> ModelShape:
     from transformers import AutoConfig
 
     raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
-    return shape_from_hf_config(AutoConfig.for_model(model_type, **raw), str(file))
+    config = AutoConfig.for_model(model_type, **raw)
+    aliases = getattr(config, "attribute_map", {})  # e.g. a family's own name for hidden_size
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size") if k not in raw and not any(aliases.get(a) == k for a in raw)]
+    if missing:  # transformers would fill in its defaults (hidden_size 4096, ...): a plan of some other model
+        raise ValueError(f"{file} does not set {', '.join(missing)}; the plan needs the model's own architecture, "
+                         "not transformers' defaults: use the config.json of the model folder")
+    return shape_from_hf_config(config, str(file))
 
 
 def load_shape(source: str | Path, vocab_size: int | None = None) -> tuple[ModelShape, object | None]:

@@ -13,6 +13,7 @@ checkpoint.py (atomic DCP checkpoints, HF export), metrics.py (jsonl / TensorBoa
 
 from .config import Config
 from .config_load import load_config
+from .guard import TrainingStopped
 from .loop import TrainingDiverged, TrainResult, train
 
-__all__ = ["Config", "TrainResult", "TrainingDiverged", "load_config", "train"]
+__all__ = ["Config", "TrainResult", "TrainingDiverged", "TrainingStopped", "load_config", "train"]

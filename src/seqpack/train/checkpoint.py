@@ -5,12 +5,16 @@ Layout of ``FOLDER/step_00000120/``::
     .metadata, __*_*.distcp   model + optimizer, sharded (DCP; any world size can read them)
     train_state.pt            scheduler state, step, tokens seen, last loss (rank 0)
     rank{r}.pt                data-loader state and RNG states of rank r
+    SHA256SUMS                checksum of every file above (``sha256sum -c`` format), checked on load
     COMPLETE                  JSON marker, written last
 
 A checkpoint is written into ``FOLDER/.tmp-step_00000120``; every file is fsynced, the COMPLETE marker is written
 and fsynced, then the folder is renamed to its final name and the parent fsynced. A crash (even SIGKILL) at any
 moment leaves either the previous complete checkpoints untouched and a ``.tmp-*`` folder that is never read (and
 is removed by the next start), or a complete new one. ``latest_checkpoint`` only ever returns complete ones.
+A complete checkpoint damaged later (flipped bytes, a truncated or deleted shard) fails its checksums on load
+(:class:`~seqpack.train.manifest.CorruptCheckpoint` naming the files); :func:`resume_checkpoint` then falls back to
+the previous complete one with a warning and renames the damaged one ``corrupt-step_*`` (kept, never read).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch.distributed as dist
 
 from ..atomic import folder_swap, fsync
 from ..attention.multimodal import attn_implementations
+from .manifest import CorruptCheckpoint, verify_checkpoint, write_manifest
 
 PREFIX = "step_"
 MARKER = "COMPLETE"
@@ -100,9 +105,6 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, loader, train_state: dict,
                     keep_last: int = 2) -> Path:
     """Write the checkpoint of ``step`` atomically (collective: every rank calls it); returns its folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     folder = Path(folder)
     final, tmp = step_dir(folder, step), folder / f".tmp-{PREFIX}{step:08d}"
     if _rank() == 0:
@@ -110,6 +112,18 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, loader
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier()
+    try:
+        return _save(folder, step, final, tmp, model, optimizer, scheduler, loader, train_state, keep_last)
+    except BaseException:  # a full disk, a permission change: the previous checkpoints stay, the partial one goes
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _save(folder, step, final, tmp, model, optimizer, scheduler, loader, train_state, keep_last) -> Path:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
     with _single_process_quiet():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
@@ -122,6 +136,7 @@ def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, loader
         if fault and int(fault.split(":")[0]) == step:
             time.sleep(float(fault.split(":")[1]))
     _barrier()
+    write_manifest(tmp)  # collective: each rank hashes the files it wrote
     if _rank() == 0:
         for p in tmp.iterdir():
             fsync(p)
@@ -156,9 +171,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader) -> dict:
     if saved_world != world:
         raise ValueError(f"checkpoint {path} was written by {saved_world} processes but this run has {world}; the "
                          f"data-loader and RNG state are per rank: resume with --nproc {saved_world}")
+    if not verify_checkpoint(path):
+        warnings.warn(f"checkpoint {path} has no checksum list (written by an older seqpack): loaded unverified",
+                      stacklevel=2)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    with _single_process_quiet():
+    with _single_process_quiet(), _does_not_fit(path):
         dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     local = torch.load(path / f"rank{_rank()}.pt", weights_only=False)
@@ -169,10 +187,51 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, loader) -> dict:
     return train_state
 
 
+@contextlib.contextmanager
+def _does_not_fit(path: Path):
+    """DCP's CheckpointException (a traceback per rank) -> ValueError naming the first tensor that does not fit."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        first = next(iter(e.failures.values()), e)
+        first = first[0] if isinstance(first, tuple) else first  # (exception, its traceback) per rank
+        reason = str(first).strip().splitlines()[-1] if str(first).strip() else type(first).__name__
+        raise ValueError(f"checkpoint {path} does not fit this run's model ({reason}); resume with the model "
+                         "settings the run was started with (its seqpack_config.json), or choose a new "
+                         "train.run_dir") from e
+
+
+def resume_checkpoint(folder: Path, model, optimizer, scheduler, loader) -> tuple[dict, Path] | None:
+    """Restore the newest intact complete checkpoint of ``folder`` (collective); (train_state, its path), or None
+    when there is none. A damaged newer one is reported with a warning, renamed ``corrupt-step_*`` and skipped;
+    ValueError when every complete checkpoint is damaged (nothing is started over silently)."""
+    found, damaged = complete_checkpoints(folder), []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path, model, optimizer, scheduler, loader)
+        except CorruptCheckpoint as e:
+            damaged.append(str(e))
+            warnings.warn(f"{e}; trying the previous checkpoint", stacklevel=2)
+            _barrier()
+            if _rank() == 0:
+                os.replace(path, path.with_name("corrupt-" + path.name))
+            _barrier()
+            continue
+        return state, path
+    if damaged:
+        raise ValueError(f"no intact checkpoint to resume from in {folder} (damaged ones renamed corrupt-step_*): "
+                         + " | ".join(damaged) + "; restore them from a copy, or remove the checkpoint folder (or set "
+                         "ckpt.auto_resume=False) to train from the start")
+    return None
+
+
 def load_model_weights(path: Path, model) -> None:
     """Only the model weights of a checkpoint (e.g. for ``seqpack generate`` on an interrupted run; no collective)."""
     import torch.distributed.checkpoint as dcp
 
+    verify_checkpoint(path)  # CorruptCheckpoint (a ValueError) naming the damaged files
     state = {"model": model.state_dict()}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path), no_dist=True)

@@ -313,7 +313,8 @@ class Config:
 
     @property
     def total_steps(self) -> int:
-        return self.lr_scheduler.total_steps or self.data.total_steps or 1000
+        steps = self.lr_scheduler.total_steps if self.lr_scheduler.total_steps is not None else self.data.total_steps
+        return 1000 if steps is None else steps
 
     @property
     def packing(self) -> str:

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import inspect
 import runpy
+import traceback
 import typing
 import warnings
 from functools import lru_cache
@@ -41,6 +42,11 @@ def read_config_file(path: str | Path) -> dict:
         namespace = runpy.run_path(str(path))
     except SyntaxError as e:
         raise ValueError(f"config file {path}, line {e.lineno}: syntax error: {e.msg}") from e
+    except Exception as e:  # the file's own code raised (a NameError, a failed import, a missing file it reads)
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == path.resolve()]
+        where = f", line {frames[-1].lineno}" if frames else ""
+        raise ValueError(f"config file {path}{where} raised {type(e).__name__}: {e}; fix the file (it is run as "
+                         "Python)") from e
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not k.isupper()
             and not inspect.ismodule(v) and not callable(v)}
 

@@ -84,6 +84,7 @@ def check_choices(cfg, source: str = "config") -> None:
             bad(key, value, "must be a positive integer")
     if cfg.total_steps < 1:
         bad("lr_scheduler.total_steps", cfg.total_steps, "must be a positive integer")
+    check_ranges(cfg, bad)
     if d.packing is not None and d.packing not in PACKINGS:
         bad("data.packing", d.packing, f"choose one of {', '.join(PACKINGS)}")
     if d.type not in DATA_TYPES:
@@ -146,6 +147,45 @@ def check_choices(cfg, source: str = "config") -> None:
         warnings.warn(f"{source}: parallel.zero1.size={p.zero1.size}: seqpack shards parameters, gradients and "
                       "optimizer state with FSDP2 over the whole data-parallel dimension (the update is identical; "
                       "sharding groups smaller than dp are not built)", stacklevel=3)
+
+
+def check_ranges(cfg, bad) -> None:
+    """Numbers outside the range they have a meaning in (optimizer, schedule, sizes): ``bad(key, value, why)``."""
+    a, m, d = cfg.adam, cfg.model, cfg.data
+    finite = (lambda v: v == v and abs(v) != float("inf"))
+    rules = [  # (key, value, ok, what it must be); None = not set
+        ("adam.lr", a.lr, finite(a.lr) and a.lr >= 0, "must be a finite number >= 0 (e.g. 3e-4)"),
+        ("adam.adam_beta1", a.adam_beta1, 0 <= a.adam_beta1 < 1, "must be within [0, 1) (e.g. 0.9)"),
+        ("adam.adam_beta2", a.adam_beta2, 0 <= a.adam_beta2 < 1, "must be within [0, 1) (e.g. 0.95)"),
+        ("adam.adam_eps", a.adam_eps, finite(a.adam_eps) and a.adam_eps >= 0, "must be a number >= 0 (e.g. 1e-8)"),
+        ("adam.weight_decay", a.weight_decay, finite(a.weight_decay) and a.weight_decay >= 0,
+         "must be a number >= 0 (e.g. 0.01)"),
+        ("lr_scheduler.eta_min", cfg.lr_scheduler.eta_min, cfg.lr_scheduler.eta_min >= 0, "must be >= 0"),
+        ("lr_scheduler.init_steps", cfg.lr_scheduler.init_steps, cfg.lr_scheduler.init_steps >= 0, "must be >= 0"),
+        ("hybrid_zero_optimizer.clip_grad_norm", cfg.hybrid_zero_optimizer.clip_grad_norm,
+         cfg.hybrid_zero_optimizer.clip_grad_norm >= 0, "must be >= 0 (0 = no clipping)"),
+        ("train.max_steps", cfg.train.max_steps, cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+         "must be >= 1 (or None = run to lr_scheduler.total_steps)"),
+        ("data.min_length", d.min_length, d.min_length >= 0, "must be >= 0"),
+        ("data.max_docs", d.max_docs, d.max_docs is None or d.max_docs >= 1, "must be >= 1 or None (all)"),
+        ("data.total_steps", d.total_steps, d.total_steps is None or d.total_steps >= 1, "must be >= 1 or None"),
+        ("model.attention_dropout", m.attention_dropout, 0 <= m.attention_dropout < 1, "must be within [0, 1)"),
+        ("model.layer_norm_epsilon", m.layer_norm_epsilon, m.layer_norm_epsilon > 0, "must be > 0 (e.g. 1e-5)"),
+        ("model.rope_base", m.rope_base, m.rope_base > 0, "must be > 0 (e.g. 10000)"),
+        ("model.mlp_ratio", m.mlp_ratio, m.mlp_ratio > 0, "must be > 0 (e.g. 8/3)"),
+        ("model.multiple_of", m.multiple_of, m.multiple_of >= 1, "must be >= 1"),
+        ("model.num_kv_attention_heads", m.num_kv_attention_heads,
+         m.num_kv_attention_heads is None or m.num_kv_attention_heads >= 1, "must be >= 1 or None"),
+        ("model.vocab_size", m.vocab_size, m.vocab_size is None or m.vocab_size >= 1, "must be >= 1 or None"),
+        ("model.max_position_embeddings", m.max_position_embeddings,
+         m.max_position_embeddings is None or m.max_position_embeddings >= 1, "must be >= 1 or None"),
+    ]
+    for key, value, ok, what in rules:
+        if not ok:
+            bad(key, value, what)
+    for name, value in (d.min_length_dict or {}).items():  # (dataset_weights: checked with the files, mixing.py)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            bad(f"data.min_length_dict[{name!r}]", value, "must be a number of tokens >= 0")
 
 
 def check_ignored(key: str, value, source: str) -> None:

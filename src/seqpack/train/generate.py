@@ -15,16 +15,18 @@ from pathlib import Path
 
 import torch
 
+from ..cli_types import non_negative_float, non_negative_int, positive_int
+
 RUN_CONFIG = "seqpack_config.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", help="run folder of `seqpack train`, or a Hugging Face model folder")
     parser.add_argument("--prompt", default="def ", help="text to continue")
-    parser.add_argument("--max_new_tokens", type=int, default=160, help="tokens to generate per sample")
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top_k", type=int, default=40, help="sample among the k most likely tokens")
-    parser.add_argument("--num_samples", type=int, default=1, help="samples to print")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=160, help="tokens to generate per sample")
+    parser.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_k", type=non_negative_int, default=40, help="sample among the k most likely tokens")
+    parser.add_argument("--num_samples", type=positive_int, default=1, help="samples to print")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto = cuda:0 when a GPU is available, else cpu")
@@ -72,6 +74,8 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 160, temp
     """Prompt + continuation (sampled with temperature/top-k; greedy at temperature 0)."""
     torch.manual_seed(seed)
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+    if ids.numel() == 0:
+        raise ValueError(f"--prompt {prompt!r} has no tokens; give some text to continue (e.g. --prompt 'def ')")
     sample = temperature > 0
     kwargs = dict(do_sample=True, temperature=temperature, top_k=top_k) if sample else dict(do_sample=False)
     with torch.no_grad():
@@ -94,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"----- sample {i + 1}")
-        print(generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                            args.seed + i))
+        try:
+            text = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                                 args.seed + i)
+        except ValueError as e:
+            print(f"seqpack generate: error: {e}", file=sys.stderr)
+            return 2
+        print(text)
     return 0

@@ -32,8 +32,10 @@ import torch.distributed as dist
 
 from ..compat.internevo import gpc
 from ..parallel import init_topology
-from .checkpoint import latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
+from .checkpoint import remove_partial, resume_checkpoint, save_checkpoint
 from .config import Config
+from .guard import (RunLock, StopSignals, TrainingStopped, check_folders, check_free_space, checkpoint_bytes,
+                    rank0_then_share)
 from .metrics import DevicePeak, MetricsLogger, peak_memory_mib
 from .prefetch import LoaderAt, Prefetcher
 from .task import CausalLM
@@ -143,10 +145,21 @@ def _train(cfg: Config, topo, task) -> TrainResult:
     torch.backends.cudnn.deterministic = cfg.cudnn_deterministic
     torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     rank0 = topo.rank == 0
-    run_dir, ckpt_dir = prepare_run_dir(cfg, rank0)
+    run_dir, ckpt_dir, lock = prepare_run_dir(cfg, rank0)
+    stops = StopSignals(say=lambda text: print(f"seqpack train: {text}", flush=True) if rank0 else None)
+    try:
+        return _run(cfg, topo, task, rank0, run_dir, ckpt_dir, stops)
+    finally:
+        stops.restore()
+        if lock is not None:
+            lock.release()
 
+
+def _run(cfg: Config, topo, task, rank0: bool, run_dir: Path, ckpt_dir: Path, stops: StopSignals) -> TrainResult:
     parts = task.build(cfg, topo)
     model, loader = parts.model, parts.loader
+    if cfg.ckpt.enable_save_ckpt:
+        rank0_then_share(lambda: check_free_space(ckpt_dir, checkpoint_bytes(model)), rank0)
     total = cfg.total_steps
     optimizer, scheduler, start_step, resume, last, metrics, peak = start_run(cfg, model, loader, topo.device,
                                                                               run_dir, ckpt_dir, rank0)
@@ -171,8 +184,10 @@ def _train(cfg: Config, topo, task) -> TrainResult:
             grad_norm = clip_grad_norm(model, cfg.hybrid_zero_optimizer.clip_grad_norm)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
-                where = (f"the last good checkpoint is {last_ckpt} (step {int(last_ckpt.name.split('_')[-1])}); "
-                         "it is kept and auto_resume starts from it") if last_ckpt else "no checkpoint was written yet"
+                where = (f"the last checkpoint with finite loss and gradients is {last_ckpt} (step "
+                         f"{int(last_ckpt.name.split('_')[-1])}); it is kept and auto_resume starts from it, but its "
+                         "weights may already be near divergence: if the loss diverges again soon after, resume "
+                         "from an earlier copy") if last_ckpt else "no checkpoint was written yet"
                 raise TrainingDiverged(
                     f"loss is {loss} and gradient norm is {grad_norm} at step {step}: training stopped before the "
                     f"optimizer step, weights not updated. {where}. Lower adam.lr (now {cfg.adam.lr}), raise "
@@ -189,13 +204,19 @@ def _train(cfg: Config, topo, task) -> TrainResult:
             metrics.log(step, loss=loss, lr=lr, grad_norm=grad_norm, step_time=dt,
                         tokens_per_s_per_device=tokens / dt, mfu=flops / dt / peak.flops,
                         peak_mem_mib=peak_memory_mib(topo.device))
-            if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last):
+            stop = stops.agreed(topo.device)  # every rank stops after the same step
+            if cfg.ckpt.enable_save_ckpt and (step % cfg.ckpt.checkpoint_every == 0 or step == last or stop):
                 # the loader runs ahead: save its state after *this* step's rows
                 last_ckpt = save_checkpoint(ckpt_dir, step, model, optimizer, scheduler,
                                             LoaderAt(prepared.loader_state), {"loss": loss},
                                             keep_last=cfg.ckpt.keep_last)
                 peak.refresh()
             task.after_step(cfg, parts, topo, run_dir, step, last)
+            if stop and step < last:
+                saved = (f"checkpoint {last_ckpt} saved; run the same command to resume" if cfg.ckpt.enable_save_ckpt
+                         else "no checkpoint saved (ckpt.enable_save_ckpt=False)")
+                raise TrainingStopped(f"stopped by {StopSignals.NAMES[stop]} after step {step} of {last}: {saved}",
+                                      stop)
     finally:
         if ahead is not None:
             ahead.close()
@@ -213,16 +234,21 @@ def _train(cfg: Config, topo, task) -> TrainResult:
                        seconds, last_ckpt, exported, model)
 
 
-def prepare_run_dir(cfg: Config, rank0: bool) -> tuple[Path, Path]:
-    """(run folder, checkpoint folder). Rank 0 creates the run folder, writes ``seqpack_config.json`` atomically and
-    removes partial checkpoints a crash left behind."""
+def prepare_run_dir(cfg: Config, rank0: bool) -> tuple[Path, Path, RunLock | None]:
+    """(run folder, checkpoint folder, run lock or None off rank 0). Rank 0 checks that both folders can be made
+    and written, takes the run lock (ValueError on every rank when another run holds it) and removes partial
+    checkpoints a crash left behind; ``seqpack_config.json`` is written by :func:`start_run` once the run is
+    accepted (a refused resume leaves the recorded one as it was). The caller releases the lock."""
     run_dir = resolve_run_dir(cfg)
     ckpt_dir = Path((cfg.ckpt.save_ckpt_folder or str(run_dir / "checkpoints")).removeprefix("local:"))
-    if rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
+
+    def prepare():
+        check_folders(run_dir, ckpt_dir if cfg.ckpt.enable_save_ckpt else None)
+        lock = RunLock(run_dir)
         remove_partial(ckpt_dir)
-    return run_dir, ckpt_dir
+        return lock
+
+    return run_dir, ckpt_dir, rank0_then_share(prepare, rank0)
 
 
 class RunStart(NamedTuple):
@@ -244,6 +270,8 @@ def start_run(cfg: Config, model, loader, device: torch.device, run_dir: Path, c
     optimizer = build_optimizer(model, cfg)
     scheduler = build_schedule(optimizer, cfg)
     start_step, resume = resume_latest(cfg, ckpt_dir, model, optimizer, scheduler, loader)
+    if rank0:  # the run is accepted: record its config
+        _write_json(run_dir / "seqpack_config.json", cfg.to_dict())
     total = cfg.total_steps
     last = min(total, cfg.train.max_steps or total)
     metrics = MetricsLogger(run_dir, last, start_step, enabled=rank0, tensorboard=cfg.train.tensorboard,
@@ -252,11 +280,12 @@ def start_run(cfg: Config, model, loader, device: torch.device, run_dir: Path, c
 
 
 def resume_latest(cfg: Config, ckpt_dir: Path, model, optimizer, scheduler, loader) -> tuple[int, Path | None]:
-    """(step, checkpoint) after restoring the latest complete checkpoint when ``ckpt.auto_resume``; else (0, None)."""
-    resume = latest_checkpoint(ckpt_dir) if cfg.ckpt.auto_resume else None
-    if resume is None:
+    """(step, checkpoint) after restoring the newest intact complete checkpoint when ``ckpt.auto_resume`` (a damaged
+    newer one is skipped with a warning); else (0, None)."""
+    found = resume_checkpoint(ckpt_dir, model, optimizer, scheduler, loader) if cfg.ckpt.auto_resume else None
+    if found is None:
         return 0, None
-    return load_checkpoint(resume, model, optimizer, scheduler, loader)["step"], resume
+    return found[0]["step"], found[1]
 
 
 def _write_json(path: Path, obj) -> None:

@@ -23,6 +23,7 @@ build on the engine; :func:`seqpack.tasks.select_task` picks one for a config.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -86,6 +87,9 @@ class CausalLM:
         """Forward + backward of every micro-batch; the loss is the token mean over the whole step (all micro-batches,
         all ranks), so FSDP2's summed gradients are those of one process on the whole step."""
         step_loss = StepLoss(micro, topo.world_group)  # valid targets counted on the host copies
+        if step_loss.num_valid == 0:
+            _no_loss_tokens(cfg, first=not getattr(self, "_stepped", False))
+        self._stepped = True
         chunked = uses_chunked_loss(model)
         for b in (to_device(b, topo.device) for b in micro):
             with gpc.micro_batch(b):  # InternEvo-style hand-adapted modeling files read cu_seqlens from it
@@ -124,3 +128,15 @@ class CausalLM:
 
     def outputs(self, run_dir: Path, exported: Path | None) -> str:
         return f"run folder {run_dir}" + (f", HF export {exported}" if exported else "")
+
+
+def _no_loss_tokens(cfg: Config, first: bool) -> None:
+    """A step none of whose targets carries loss: an error at the run's first step (the data has no loss tokens:
+    the run would train at loss 0), a warning later (that update is weight decay only)."""
+    data = cfg.data.train_folder or "the embedded corpus"
+    if first:
+        raise ValueError(f"no token of the first step's rows carries loss (data.train_folder={data!r}): every "
+                         "target is masked or padding, so the run would train at loss 0; check the data's loss "
+                         "mask (ftdp: a negative token id carries no loss) or the tokenizer's chat template")
+    warnings.warn(f"a step without any token that carries loss ({data}): its update is weight decay only",
+                  stacklevel=3)
