@@ -106,6 +106,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_w += (g.t() @ h).float()
             if want_b:
                 grad_b += g.sum(0).float()
+            del g  # before the next chunk's logits: one [c, V] buffer fewer at the peak
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total

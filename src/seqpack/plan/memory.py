@@ -203,9 +203,10 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     def casts(layers_held: int) -> int:  # autocast's bf16 weight copies kept by linears awaiting backward
         return 2 * (linear_per_layer * layers_held + V * h) if prec.autocast else 0
 
-    if opts.chunked_loss:
-        c = min(opts.loss_chunk, t)
-        loss_bytes, logits_kept = c * (a + 16) * V, 0
+    if opts.chunked_loss:  # one chunk's logits, their fp32 copy (none in fp32) and one fp32 softmax/CE buffer,
+        c = min(opts.loss_chunk, t)  # + the gradients made in forward: the head's in fp32 [V, h], the hidden's [t, h]
+        loss_bytes = c * V * (a + 4 + (4 if a != 4 else 0)) + 4 * V * h + t * a * h
+        logits_kept = 0
     else:
         loss_bytes, logits_kept = t * 12 * V, (t * a * V if opts.keep_logits else 0)
 
@@ -236,10 +237,13 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
                               shape.root_params), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
-    if opts.optimizer == "adamw" and not opts.offload_optimizer:  # foreach AdamW temporaries (CUDA: one fp32 copy)
+    if opts.optimizer == "adamw" and not opts.offload_optimizer:
+        # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
+        # two fp32 temporaries of the largest parameter (measured: 2.0 x its bytes)
+        largest = max(V * h, h * i, h * q) // (W if sharded else 1)
         phases["optimizer step"] = dict(
             parameters=resident_params, optimizer=optimizer, fsdp_gathered=0, gradients=P * p // (W if sharded else 1),
-            held_activations=0, layer_working=4 * (P // (W if sharded else 1) if cuda else V * h),
+            held_activations=0, layer_working=4 * (P // (W if sharded else 1)) if cuda else 2 * 4 * largest,
             attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
 
     totals = {name: sum(c.values()) for name, c in phases.items()}
