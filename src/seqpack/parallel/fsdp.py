@@ -35,7 +35,7 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = topo.fsdp_mesh() if topo.world_size > 1 else one_rank_mesh(topo)
+    mesh = topo.fsdp_mesh() or one_rank_mesh(topo)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
     if offload_policy is not None:
         kwargs["offload_policy"] = offload_policy
@@ -66,6 +66,7 @@ def one_rank_mesh(topo):
         dist.init_process_group("nccl" if topo.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
         topo._owns_process_group = True  # noqa: SLF001 (the topology tears down what its run created)
+    assert dist.get_world_size() == 1, "one_rank_mesh inside a world of several ranks: pass a topology's mesh"
     return DeviceMesh.from_group(dist.group.WORLD, topo.device.type, mesh_dim_names=("dp_sp",))
 
 
