@@ -213,7 +213,9 @@ class ChunkedLossHook:
                                     labels.reshape(-1).to(hidden.device), head.bias)
         else:
             self._loss = linear_cross_entropy_sum(hidden, head.weight, labels, head.bias, self.post, self.chunk_size)
-        return (hidden[..., :0, :],)  # the head then makes empty logits [1, 0, V]
+        # the head then makes empty logits [1, 0, V] from a new empty tensor: a view of the hidden states would keep
+        # their storage [1, T, H] alive until backward (the loss already holds what backward needs)
+        return (hidden.new_empty(*hidden.shape[:-2], 0, hidden.shape[-1]),)
 
     def _attach(self, module, args, output):
         if self._loss is not None:
