@@ -43,6 +43,9 @@ class Case:
     chunked_loss: int = 0  # tokens per loss chunk; 0 = full logits kept through backward (as train without it)
     tiled_mlp: int = 0  # tokens per MLP tile; 0 = plain MLP
     adamw: bool = False  # the measured step includes AdamW's update (its moments exist before the step)
+    precision: str = "fp32"  # or "bf16-mixed": FSDP2 MixedPrecisionPolicy (a one-rank group for one process)
+    offload_checkpoints: bool = False  # checkpointed inputs to "host" tensors (the same memory on the CPU)
+    offload_optimizer: bool = False  # FSDP2 CPUOffloadPolicy + fused AdamW
 
 
 # each under ~2 GiB per process
@@ -64,6 +67,11 @@ CONFIGS = [
     Case(256, 4, 8, 2, 688, 16000, 8192, 1.0, model_type="qwen2", tied=True, chunked_loss=1024, tiled_mlp=256),
     # the peak is AdamW's update: per-tensor CPU AdamW's temporaries of the 16000 x 256 embedding
     Case(256, 2, 8, 2, 688, 16000, 256, 1.0, adamw=True, chunked_loss=1024),
+    # bf16 mixed precision (FSDP2 on one rank), with and without the offloads
+    Case(256, 4, 8, 2, 688, 4096, 8192, 0.0, precision="bf16-mixed"),
+    Case(256, 4, 8, 2, 688, 8192, 8192, 1.0, precision="bf16-mixed", chunked_loss=1024),
+    Case(256, 4, 8, 2, 688, 8192, 8192, 1.0, 2, precision="bf16-mixed", chunked_loss=1024, tiled_mlp=256,
+         adamw=True, offload_checkpoints=True, offload_optimizer=True),
 ]
 
 
@@ -75,6 +83,9 @@ def _rank_main(rank: int, world: int, init_file: str, case: Case, out_dir: str) 
 
     import seqpack
     from seqpack.parallel import ParallelDims, StepLoss, apply_fsdp, shard_batch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    from seqpack.checkpoint_offload import offload_checkpoints
     from seqpack.tiled_mlp import apply_tiled_mlp
     from seqpack.train.model import apply_activation_checkpointing
 
@@ -98,8 +109,14 @@ def _rank_main(rank: int, world: int, init_file: str, case: Case, out_dir: str) 
         if c.chunked_loss:
             seqpack.enable_chunked_loss(model, c.chunked_loss)
         apply_activation_checkpointing(model, c.ckpt)
-        apply_fsdp(model, topo)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4) if c.adamw else None
+        if c.offload_checkpoints:
+            offload_checkpoints(model)
+        mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if c.precision == "bf16-mixed" else None
+        apply_fsdp(model, topo, mp_policy=mp_policy, offload_policy=CPUOffloadPolicy(pin_memory=False)
+                   if c.offload_optimizer else None)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **({"fused": True} if c.offload_optimizer
+                                                                       else {})) if c.adamw else None
         g = torch.Generator().manual_seed(0)
         shard = shard_batch(seqpack.pack([torch.randint(3, c.vocab, (c.T,), generator=g)]), topo.sp_size,
                             topo.sp_rank)
@@ -129,7 +146,7 @@ def _rank_main(rank: int, world: int, init_file: str, case: Case, out_dir: str) 
         result = dict(rank=rank, growth_mib=(peak - base) / 1024 if reset else float("nan"), rss_mib=peak / 1024)
         write_rank_result(out_dir, rank, result)
     finally:
-        if world > 1:
+        if dist.is_initialized():  # sp > 1, or the one-rank group of bf16 mixed precision
             dist.destroy_process_group()
 
 
@@ -147,7 +164,9 @@ def predict(case: Case):
     c = case
     shape = ModelShape(c.model_type, c.hidden, c.layers, c.heads, c.kv_heads, c.hidden // c.heads, c.inter, c.vocab,
                        tie_embeddings=c.tied, **FAMILIES[c.model_type])
-    return plan_memory(shape, PlanOptions(c.T, gpus=c.sp, sp=c.sp, checkpoint=c.ckpt, precision="fp32",
+    return plan_memory(shape, PlanOptions(c.T, gpus=c.sp, sp=c.sp, checkpoint=c.ckpt, precision=c.precision,
+                                          offload_checkpoints=c.offload_checkpoints,
+                                          offload_optimizer=c.offload_optimizer,
                                           optimizer="adamw" if c.adamw else "none", device="cpu", micro_num=1,
                                           keep_logits=not c.chunked_loss, chunked_loss=bool(c.chunked_loss),
                                           loss_chunk=c.chunked_loss or 1024, tiled_mlp=bool(c.tiled_mlp),
@@ -158,7 +177,10 @@ def features(case: Case) -> str:
     parts = [case.model_type] + (["tied"] if case.tied else []) + [f"ckpt {case.ckpt:.0%}"]
     parts += [f"chunked loss {case.chunked_loss}"] if case.chunked_loss else []
     parts += [f"tiled MLP {case.tiled_mlp}"] if case.tiled_mlp else []
-    return ", ".join(parts + (["AdamW step"] if case.adamw else []))
+    parts += ["AdamW step"] if case.adamw else []
+    parts += [case.precision] if case.precision != "fp32" else []
+    parts += ["checkpoint offload"] if case.offload_checkpoints else []
+    return ", ".join(parts + (["optimizer offload"] if case.offload_optimizer else []))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         picked = [Case(*(int(v) for v in c[:7]), float(c[7]), int(c[8]), model_type=args.model_type, tied=args.tied,
                        chunked_loss=args.chunked_loss, tiled_mlp=args.tiled_mlp, adamw=args.adamw)
                   for c in args.config]
-    print(f"CPU, fp32, one process per sp rank (gloo, FSDP2 when sp > 1), OMP_NUM_THREADS=1, {os.cpu_count()} cores")
+    print(f"CPU, one process per sp rank (gloo, FSDP2 when sp > 1 or bf16 mixed precision), OMP_NUM_THREADS=1, "
+          f"{os.cpu_count()} cores")
     header = "| hidden | layers | vocab | T | sp | features | predicted MiB | measured MiB | error | peak phase |"
     print(header + "\n|" + "---|" * 10)
     rows = []

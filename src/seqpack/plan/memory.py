@@ -190,12 +190,14 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     W = opts.gpus
     sharded = W > 1 or prec.fsdp or opts.offload_optimizer  # FSDP2 (on a one-rank group for one process)
     cuda = opts.device == "cuda"
-    on_host = opts.offload_optimizer  # parameter shards, reduced gradients and AdamW moments live on the host
+    # offloaded to the host: parameter shards, reduced gradients and AdamW moments; checkpointed inputs. On a CPU
+    # run host and device are one memory: the offloaded tensors stay in the device parts (and are reported as host)
+    on_host = opts.offload_optimizer and cuda
 
     parts = layer_saved_bytes(shape, opts)
     A = sum(parts.values())  # one layer's saved tensors per token
     n_ckpt = round(opts.checkpoint * L)
-    offload = opts.offload_checkpoints and n_ckpt > 0
+    offload = opts.offload_checkpoints and n_ckpt > 0 and cuda
     ckpt_input = 0 if offload else s * h
     held = [ckpt_input if j < n_ckpt else A for j in range(L)]  # per token, layer j
     final = 4 * h + s * h + a * h + 4  # final norm
@@ -238,8 +240,10 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     base = dict(parameters=resident_params, optimizer=optimizer, fsdp_gathered=gathered)
     phases: dict[str, dict[str, int]] = {}
     # FSDP2 reshards the root after forward (gathers it again for the head's backward); the last layer stays gathered
+    # (the chunked loss runs inside the forward, while the root - embedding, head - is still gathered)
     phases["loss backward"] = dict(
-        base, fsdp_gathered=P_layer * p if sharded else 0, gradients=resident_grads,
+        base, fsdp_gathered=(P_layer + (shape.root_params if opts.chunked_loss else 0)) * p if sharded else 0,
+        gradients=resident_grads,
         held_activations=t * (sum(held) + final + rope), layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
         autocast_casts=casts(L - n_ckpt))
@@ -264,7 +268,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
                               shape.root_params), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
-    if opts.optimizer == "adamw" and not on_host:
+    if opts.optimizer == "adamw" and not opts.offload_optimizer:
         # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
         # two fp32 temporaries of the largest parameter (measured: 2.0 x its bytes)
         largest = max(V * h, h * i, h * q) // shard
@@ -291,12 +295,12 @@ def pinned_size(nbytes: int) -> int:
 
 def host_bytes(shape: ModelShape, opts: PlanOptions, t: int, n_ckpt: int, s: int, params: int, optimizer: int,
                grads: int) -> dict[str, int]:
-    """Host memory of one rank: the offloaded checkpoint inputs (pinned, one per checkpointed layer, plus the one
-    of the next step's first layer while the last backward ends) and the offloaded optimizer (fp32 parameter
-    shards, gradients and AdamW moments)."""
+    """Host memory of one rank: the offloaded checkpoint inputs (pinned on CUDA, one per checkpointed layer) and
+    the offloaded optimizer (fp32 parameter shards, gradients and AdamW moments)."""
     out = {}
     if opts.offload_checkpoints and n_ckpt:
-        out["checkpoint_inputs"] = n_ckpt * pinned_size(t * s * shape.hidden_size)
+        nbytes = t * s * shape.hidden_size
+        out["checkpoint_inputs"] = n_ckpt * (pinned_size(nbytes) if opts.device == "cuda" else nbytes)
     if opts.offload_optimizer:
         out.update(parameters=params, gradients=grads, optimizer=optimizer)
     return out
