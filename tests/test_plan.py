@@ -196,7 +196,8 @@ def test_options_move_the_parts_they_should():
     chunked = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True))
     assert chunked.phase_components["loss backward"]["logits_loss"] < plan.components["logits_loss"] / 3
     assert layer_saved_bytes(LLAMA3_8B, replace(base, tiled_mlp=True))["mlp"] == 0
-    assert plan_memory(LLAMA3_8B, replace(base, tiled_mlp=True, chunked_loss=True)).allocated < chunked.allocated
+    tiled = plan_memory(LLAMA3_8B, replace(base, tiled_mlp=True, chunked_loss=True))
+    assert tiled.phases["layer 31 backward"] < chunked.phases["layer 31 backward"]
     offload = plan_memory(LLAMA3_8B, replace(base, chunked_loss=True, offload_checkpoints=True))
     assert offload.phase_components["loss backward"]["held_activations"] < \
         chunked.phase_components["loss backward"]["held_activations"] / 5  # the final norm's tensors stay

@@ -6,7 +6,8 @@ loss, the chunked linear cross-entropy (no [T, V] logits), the tiled MLP and Lig
     seqpack.ops.apply_tiled_mlp(model, tile=2048)                 # MLP over sequence tiles, recomputed in backward
 
 Files: loss.py (token-mean CE over a packed batch), chunked_loss.py (CE from hidden states, in-forward hook),
-tiled_mlp.py (ALST's tiled MLP), checkpoint_offload.py (checkpointed layer inputs in host memory), fused.py (Liger kernels per model instance), layers.py (a model's decoder layers).
+tiled_mlp.py (ALST's tiled MLP), checkpoint_offload.py (checkpointed layers' inputs in host memory), fused.py
+(Liger kernels per model instance), layers.py (a model's decoder layers).
 """
 
 from .checkpoint_offload import offload_checkpoints

@@ -85,8 +85,7 @@ def _rank_main(rank: int, world: int, init_file: str, case: Case, out_dir: str) 
     from seqpack.parallel import ParallelDims, StepLoss, apply_fsdp, shard_batch
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
 
-    from seqpack.checkpoint_offload import offload_checkpoints
-    from seqpack.tiled_mlp import apply_tiled_mlp
+    from seqpack.ops import apply_tiled_mlp, offload_checkpoints
     from seqpack.train.model import apply_activation_checkpointing
 
     c = case
