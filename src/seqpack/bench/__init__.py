@@ -7,6 +7,7 @@
 - ``train``: `seqpack train` step vs the bare step; peak memory with the chunked loss / tiled MLP on and off.
 - ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
 - ``plan``: ``seqpack plan``'s predicted peak memory against the measured peak of real steps (CPU, gloo).
+- ``offload``: step time of bf16 mixed precision vs float32 and of each offload vs none; bytes moved off the GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib
 
 BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
            "train": "seqpack.bench.train", "plan": "seqpack.plan.bench", "trainer": "seqpack.bench.trainer",
-           "flux": "seqpack.bench.flux"}
+           "flux": "seqpack.bench.flux", "offload": "seqpack.bench.offload"}
 
 
 def add_arguments(parser):

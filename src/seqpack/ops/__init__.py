@@ -6,13 +6,15 @@ loss, the chunked linear cross-entropy (no [T, V] logits), the tiled MLP and Lig
     seqpack.ops.apply_tiled_mlp(model, tile=2048)                 # MLP over sequence tiles, recomputed in backward
 
 Files: loss.py (token-mean CE over a packed batch), chunked_loss.py (CE from hidden states, in-forward hook),
-tiled_mlp.py (ALST's tiled MLP), fused.py (Liger kernels per model instance), layers.py (a model's decoder layers).
+tiled_mlp.py (ALST's tiled MLP), checkpoint_offload.py (checkpointed layers' inputs in host memory), fused.py
+(Liger kernels per model instance), layers.py (a model's decoder layers).
 """
 
+from .checkpoint_offload import offload_checkpoints
 from .chunked_loss import chunked_causal_lm_loss, enable_chunked_loss, linear_cross_entropy_sum
 from .fused import apply_fused_kernels
 from .loss import causal_lm_loss, token_loss_sum
 from .tiled_mlp import apply_tiled_mlp
 
 __all__ = ["apply_fused_kernels", "apply_tiled_mlp", "causal_lm_loss", "chunked_causal_lm_loss",
-           "enable_chunked_loss", "linear_cross_entropy_sum", "token_loss_sum"]
+           "enable_chunked_loss", "linear_cross_entropy_sum", "offload_checkpoints", "token_loss_sum"]

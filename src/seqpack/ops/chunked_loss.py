@@ -106,6 +106,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
                 grad_w += (g.t() @ h).float()
             if want_b:
                 grad_b += g.sum(0).float()
+            del g  # before the next chunk's logits: one [c, V] buffer fewer at the peak
         ctx.save_for_backward(grad_h, grad_w, grad_b)
         ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -212,7 +213,9 @@ class ChunkedLossHook:
                                     labels.reshape(-1).to(hidden.device), head.bias)
         else:
             self._loss = linear_cross_entropy_sum(hidden, head.weight, labels, head.bias, self.post, self.chunk_size)
-        return (hidden[..., :0, :],)  # the head then makes empty logits [1, 0, V]
+        # the head then makes empty logits [1, 0, V] from a new empty tensor: a view of the hidden states would keep
+        # their storage [1, T, H] alive until backward (the loss already holds what backward needs)
+        return (hidden.new_empty(*hidden.shape[:-2], 0, hidden.shape[-1]),)
 
     def _attach(self, module, args, output):
         if self._loss is not None:

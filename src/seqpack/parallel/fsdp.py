@@ -19,20 +19,26 @@ import torch
 from ..ops.layers import decoder_layers
 
 
-def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True, mp_policy=None) -> torch.nn.Module:
+def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True, mp_policy=None,
+               offload_policy=None) -> torch.nn.Module:
     """Shard ``model`` with FSDP2 over all ranks of ``topo`` (each decoder layer, then the root); in place.
 
-    With one process this returns the model unchanged. ``mp_policy``: an optional
-    ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 params, fp32 reduce on CUDA).
+    ``mp_policy``: a ``torch.distributed.fsdp.MixedPrecisionPolicy`` (e.g. bf16 params over fp32 master weights,
+    fp32 gradient reduction); ``offload_policy``: a ``CPUOffloadPolicy`` (parameter shards, gradients and so the
+    optimizer step on the host). With one process and neither policy this returns the model unchanged; with a
+    policy, FSDP2 runs on a one-rank group (created here, torn down by ``topo.destroy()``), so one process gets
+    exactly the numerics of many.
 
         >>> model = apply_fsdp(seqpack.dispatch(model, sp_group=topo.sp_group), topo)   # doctest: +SKIP
     """
-    if topo.world_size == 1:
+    if topo.world_size == 1 and mp_policy is None and offload_policy is None:
         return model
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-    mesh = topo.fsdp_mesh()
+    mesh = topo.fsdp_mesh() or one_rank_mesh(topo)
     kwargs = dict(mesh=mesh, mp_policy=mp_policy or MixedPrecisionPolicy())
+    if offload_policy is not None:
+        kwargs["offload_policy"] = offload_policy
     layers = decoder_layers(model)
     if not layers:
         warnings.warn(f"apply_fsdp found no decoder layers in {type(model).__name__}; sharding the model as one unit",
@@ -48,6 +54,20 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
             m.set_force_sum_reduction_for_comms(True)
             reduce_unused_parameters(m)
     return model
+
+
+def one_rank_mesh(topo):
+    """A one-rank DeviceMesh for FSDP2 in a single process (no torchrun): the process group lives in memory
+    (``HashStore``) and belongs to ``topo``, whose ``destroy()`` tears it down."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if topo.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+        topo._owns_process_group = True  # noqa: SLF001 (the topology tears down what its run created)
+    assert dist.get_world_size() == 1, "one_rank_mesh inside a world of several ranks: pass a topology's mesh"
+    return DeviceMesh.from_group(dist.group.WORLD, topo.device.type, mesh_dim_names=("dp_sp",))
 
 
 def reduce_unused_parameters(module) -> None:

@@ -1,14 +1,15 @@
-"""``seqpack plan``: how long a context fits, per-rank memory broken down, and the step FLOPs.
+"""``seqpack plan``: how long a context fits, per-rank memory broken down (GPU and host), and the step FLOPs.
 
     seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --gpu-mem 80GiB --seq_len 131072 --sp 8
     seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --gpu-mem 80GiB --max     # longest T for every sp
-    seqpack plan configs/shapes/qwen2.5-7b.json --gpus 8 --max --chunked-loss --tiled-mlp --json
+    seqpack plan configs/shapes/qwen2.5-7b.json --gpus 8 --max --checkpoint 1 --tiled-mlp --offload-checkpoints \
+        --offload-optimizer
     seqpack plan path/to/hf_folder --gpus 8         # any local model folder, config.json or InternEvo config
 
-Defaults come from an InternEvo-style config when one is given (seq_len x micro_bsz, tensor.size as sp,
-model.checkpoint, model.dtype, micro_num); otherwise full checkpointing, fp32 master weights with bf16 autocast,
-AdamW, and the full-logits loss. ``--chunked-loss`` (the loss over sequence chunks, never the [T, vocab] logits)
-and ``--tiled-mlp`` (the MLP over sequence tiles, recomputed in backward) plan those step features.
+The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
+.py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on
+GPUs (float32 on --device cpu), the chunked loss (1024 tokens per chunk), no activation checkpointing, two
+micro-batches per step, AdamW on the GPU — with a packed row of 8192 tokens when no config gives one.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="local HF model folder, config.json, or InternEvo-style config (.py)")
     parser.add_argument("--gpus", type=positive_int, default=1, help="GPUs (ranks); FSDP2 shards over all of them")
     parser.add_argument("--gpu-mem", default="80GiB", help="memory per GPU, e.g. 80GiB, 80GB, 141GB (default 80GiB)")
+    parser.add_argument("--host-mem", help="host memory per node, e.g. 1TiB, 2TB: offloaded tensors must fit it "
+                        "(default: not checked, only reported)")
+    parser.add_argument("--gpus-per-node", type=positive_int, help="GPUs per node, for host memory (default: min(gpus, 8))")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="plan a GPU run (default) or a "
+                        "CPU run (float32, no allocator slack)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--seq_len", "--seq-len", type=positive_int, help="tokens of one packed row (default: the config's "
                       "seq_len x micro_bsz, else 8192)")
@@ -42,20 +48,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "--gpus and the heads (or only --sp)")
     parser.add_argument("--sp", type=positive_int, help="sequence-parallel degree (default: the config's, else 1)")
     parser.add_argument("--checkpoint", type=fraction, help="fraction of layers with activation checkpointing "
-                        "(default: the config's model.checkpoint, else 1)")
-    parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: bf16-autocast (fp32 master "
-                        "weights), fp32 when the config says model.dtype=torch.float32")
+                        "(default: the config's model.checkpoint, else 0 as in seqpack train)")
+    parser.add_argument("--precision", choices=sorted(PRECISIONS), help="bf16-mixed: FSDP2 casts float32 weights "
+                        "to bf16 (seqpack train on GPUs); bf16-autocast: torch.autocast over float32 weights; bf16: "
+                        "bf16 weights; fp32. Default: what the config's model.dtype and model.mixed_precision ask")
     parser.add_argument("--optimizer", choices=("adamw", "none"), default="adamw",
                         help="adamw: two fp32 moments per parameter; none: forward and backward only")
-    parser.add_argument("--micro-num", type=positive_int, help="micro-batches per step (> 1 keeps gradients resident)")
-    parser.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=False,
-                        help="loss over sequence chunks, never the [T, vocab] logits")
-    parser.add_argument("--loss-chunk", type=positive_int, default=4096, help="tokens per loss chunk")
-    parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
-                        help="MLP over sequence tiles, recomputed in backward")
+    parser.add_argument("--micro-num", type=positive_int, help="micro-batches per step (> 1 keeps gradients resident; "
+                        "default: the config's data.micro_num, else 2)")
+    parser.add_argument("--chunked-loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="loss over sequence chunks, never the [T, vocab] logits (default: the config's "
+                        "loss.chunked, else on)")
+    parser.add_argument("--loss-chunk", type=positive_int, help="tokens per loss chunk (default: loss.chunk_size, 1024)")
+    parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=None,
+                        help="MLP over sequence tiles, recomputed in backward (default: model.tiled_mlp, off)")
     parser.add_argument("--mlp-tile", type=positive_int, help="tokens per MLP tile (default: hidden size)")
+    parser.add_argument("--offload-checkpoints", action=argparse.BooleanOptionalAction, default=None,
+                        help="inputs of checkpointed layers in pinned host memory (default: "
+                        "model.offload_checkpoints, off)")
+    parser.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                        help="float32 weights, gradients and AdamW state in host memory, the optimizer step on the "
+                        "CPU (default: hybrid_zero_optimizer.cpu_offload, off)")
     parser.add_argument("--keep-logits", action=argparse.BooleanOptionalAction, default=True,
-                        help="the caller holds the logits through backward (seqpack train's loop does)")
+                        help="without the chunked loss: the caller holds the logits through backward (seqpack "
+                        "train's loop does)")
     parser.add_argument("--kv-repeat", action="store_true", help="the attention kernel cannot share KV heads "
                         "(torch 2.11's varlen_attn): k and v are repeated to all heads")
     parser.add_argument("--doc-len", type=positive_int, help="document length for attention FLOPs (default: the row)")
@@ -65,36 +81,60 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
+def train_precision(cfg, device: str) -> str:
+    """The planner's precision of ``seqpack train`` for ``cfg`` on ``device`` (see train.model.compute_mode)."""
+    import torch
+
+    from ..train.model import compute_mode
+
+    mode, _ = compute_mode(cfg, torch.device(device))
+    return {None: "fp32", "fsdp": "bf16-mixed", "autocast": "bf16-autocast"}[mode]
+
+
 def options_from(args, cfg) -> PlanOptions:
-    """PlanOptions from the command line, defaults from the seqpack Config ``cfg`` (or None)."""
-    seq_len, sp, ckpt, precision, micro = 8192, 1, 1.0, "bf16-autocast", 1
-    if cfg is not None:
-        seq_len, sp = cfg.data.seq_len * cfg.data.micro_bsz, cfg.parallel.tensor.size
-        ckpt, micro = float(cfg.model.checkpoint), cfg.data.micro_num
-        precision = "fp32" if cfg.model.dtype in ("torch.float32", "float32", "torch.float") else "bf16-autocast"
-    pick = lambda given, default: default if given is None else given  # noqa: E731
+    """PlanOptions from the command line; what it does not give comes from the seqpack Config ``cfg`` — or, when
+    None, from ``seqpack train``'s defaults (a default Config) with a row of 8192 tokens."""
+    from ..train.config import Config
+
+    given = cfg is not None
+    cfg = cfg if given else Config()
+    seq_len = cfg.data.seq_len * cfg.data.micro_bsz if given else 8192
+    tiled = cfg.model.tiled_mlp
+    pick = lambda value, default: default if value is None else value  # noqa: E731
     if args.gpus < 1:
         raise ValueError(f"--gpus {args.gpus}: give at least 1 GPU")
-    return PlanOptions(seq_len=pick(args.seq_len, seq_len), gpus=args.gpus, sp=pick(args.sp, sp),
-                       checkpoint=pick(args.checkpoint, ckpt), precision=pick(args.precision, precision),
-                       optimizer=args.optimizer, micro_num=pick(args.micro_num, micro), chunked_loss=args.chunked_loss,
-                       loss_chunk=args.loss_chunk, tiled_mlp=args.tiled_mlp, mlp_tile=args.mlp_tile,
-                       keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len,
-                       slack=args.slack, reserve_gib=args.reserve_gib)
+    return PlanOptions(
+        seq_len=pick(args.seq_len, seq_len), gpus=args.gpus, sp=pick(args.sp, cfg.parallel.tensor.size),
+        checkpoint=pick(args.checkpoint, float(cfg.model.checkpoint)),
+        precision=pick(args.precision, train_precision(cfg, args.device)), optimizer=args.optimizer,
+        device=args.device, micro_num=pick(args.micro_num, cfg.data.micro_num),
+        chunked_loss=pick(args.chunked_loss, cfg.loss.chunked), loss_chunk=pick(args.loss_chunk, cfg.loss.chunk_size),
+        tiled_mlp=pick(args.tiled_mlp, bool(tiled)),
+        mlp_tile=pick(args.mlp_tile, None if isinstance(tiled, bool) else int(tiled)),
+        keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len, slack=args.slack,
+        reserve_gib=args.reserve_gib,
+        offload_checkpoints=pick(args.offload_checkpoints, cfg.model.offload_checkpoints),
+        offload_optimizer=pick(args.offload_optimizer, cfg.hybrid_zero_optimizer.cpu_offload),
+        gpus_per_node=args.gpus_per_node)
 
 
 def run(args) -> int:
     try:
         gpu_bytes = parse_memory(args.gpu_mem)
+        host_limit = parse_memory(args.host_mem, "--host-mem") if args.host_mem else None
         shape, cfg = load_shape(args.source, args.vocab_size)
         opts = options_from(args, cfg)
         if args.max:
             sps = [args.sp] if args.sp is not None else sp_candidates(shape, args.gpus)
-            fits = {sp: longest_fit(shape, replace(opts, sp=sp), gpu_bytes) for sp in sps}
-            out = dict(gpu_bytes=gpu_bytes, longest={sp: (p.to_dict() if p else None) for sp, p in fits.items()})
+            fits = {sp: longest_fit(shape, replace(opts, sp=sp), gpu_bytes, host_bytes_per_node=host_limit)
+                    for sp in sps}
+            out = dict(gpu_bytes=gpu_bytes, host_bytes=host_limit,
+                       longest={sp: (p.to_dict() if p else None) for sp, p in fits.items()})
         else:
             plan = plan_memory(shape, opts)
-            out = dict(gpu_bytes=gpu_bytes, fits=plan.reserved <= gpu_bytes, plan=plan.to_dict())
+            host_ok = host_limit is None or plan.host_per_node <= host_limit
+            out = dict(gpu_bytes=gpu_bytes, host_bytes=host_limit, fits=plan.reserved <= gpu_bytes and host_ok,
+                       plan=plan.to_dict())
     except ValueError as err:
         print(f"seqpack plan: error: {err}", file=sys.stderr)
         return 2
@@ -107,7 +147,7 @@ def run(args) -> int:
         print(max_table(fits, gpu_bytes))
     else:
         print(describe_settings(opts, gpu_bytes))
-        print(breakdown_table(plan, gpu_bytes))
+        print(breakdown_table(plan, gpu_bytes, host_limit))
     return 0
 
 
@@ -125,13 +165,33 @@ def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, 
     if with_seq:
         parts.append(f"T={opts.seq_len}")
     parts += [f"checkpoint {opts.checkpoint:.0%} of layers", opts.precision,
-              "AdamW" if opts.optimizer == "adamw" else "no optimizer state",
+              ("AdamW" + (" on the host" if opts.offload_optimizer else "")) if opts.optimizer == "adamw"
+              else "no optimizer state",
               f"chunked loss ({opts.loss_chunk} tokens)" if opts.chunked_loss else "full-logits loss",
               "tiled MLP" if opts.tiled_mlp else "plain MLP", f"micro_num {opts.micro_num}"]
+    parts += ["checkpoint inputs on the host"] if opts.offload_checkpoints else []
     return "settings: " + ", ".join(parts)
 
 
-def breakdown_table(plan, gpu_bytes: int) -> str:
+HOST_LABELS = {"checkpoint_inputs": "checkpointed layer inputs (pinned)", "parameters": "float32 parameter shards",
+               "gradients": "float32 gradient shards", "optimizer": "AdamW moments"}
+
+
+def host_lines(plan, host_limit: int | None) -> list[str]:
+    """The host-memory table (per rank, per node) and whether it fits ``host_limit`` per node."""
+    if not plan.host:
+        return []
+    per_node = plan.options.gpus_per_node or min(plan.options.gpus, 8)
+    lines = ["\nhost memory (offloaded tensors):", "| part | GiB per rank |", "|---|---:|"]
+    lines += [f"| {HOST_LABELS[k]} | {v / GiB:.2f} |" for k, v in plan.host.items() if v]
+    lines.append(f"| **per node ({per_node} ranks)** | **{plan.host_per_node / GiB:.1f}** |")
+    if host_limit is not None:
+        verdict = "fits" if plan.host_per_node <= host_limit else "does NOT fit"
+        lines.append(f"\nhost memory {verdict} in {host_limit / GiB:.0f} GiB per node")
+    return lines
+
+
+def breakdown_table(plan, gpu_bytes: int, host_limit: int | None = None) -> str:
     o = plan.options
     unit, size = ("GiB", GiB) if plan.allocated >= GiB else ("MiB", 2**20)
     lines = [f"\nper-rank memory at the peak ({plan.peak_phase}), {plan.local_tokens} tokens per rank:",
@@ -143,19 +203,20 @@ def breakdown_table(plan, gpu_bytes: int) -> str:
               f"| CUDA context + NCCL | {(plan.reserved - plan.allocated - slack) / size:.2f} |",
               f"| **needed per GPU** | **{plan.reserved / size:.2f}** of {gpu_bytes / size:.2f} |"]
     verdict = "fits" if plan.reserved <= gpu_bytes else "does NOT fit"
-    lines.append(f"\n{verdict}; step FLOPs per rank: {plan.model_flops / 1e12:.1f} TFLOP model, "
+    lines.append(f"\n{verdict} in GPU memory; step FLOPs per rank: {plan.model_flops / 1e12:.1f} TFLOP model, "
                  f"{plan.hardware_flops / 1e12:.1f} TFLOP with recomputation")
-    return "\n".join(lines)
+    return "\n".join(lines + host_lines(plan, host_limit))
 
 
 def max_table(fits: dict, gpu_bytes: int) -> str:
     lines = ["\nlongest packed row that fits (bisection over multiples of 1024 x sp):",
-             "| sp | dp | longest T | tokens/rank | needed GiB/GPU | peak at | TFLOP/rank (model) |",
-             "|---:|---:|---:|---:|---:|---|---:|"]
+             "| sp | dp | longest T | tokens/rank | needed GiB/GPU | host GiB/node | peak at | TFLOP/rank (model) |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|"]
     for sp, plan in fits.items():
         if plan is None:
-            lines.append(f"| {sp} | - | nothing fits | | | | |")
+            lines.append(f"| {sp} | - | nothing fits | | | | | |")
             continue
         lines.append(f"| {sp} | {plan.options.gpus // sp} | {plan.options.seq_len:,} | {plan.local_tokens:,} | "
-                     f"{plan.reserved / GiB:.1f} | {plan.peak_phase} | {plan.model_flops / 1e12:.0f} |")
+                     f"{plan.reserved / GiB:.1f} | {plan.host_per_node / GiB:.0f} | {plan.peak_phase} | "
+                     f"{plan.model_flops / 1e12:.0f} |")
     return "\n".join(lines)

@@ -45,28 +45,37 @@ class Precision:
     """Byte sizes of one training precision."""
 
     name: str
-    param: int  # parameter and gradient
+    param: int  # parameter and gradient as the forward and backward use them (gathered by FSDP2)
     stream: int  # residual stream, RMSNorm input/normalised tensor
     act: int  # linear outputs, attention kernel tensors, logits
     autocast: bool  # linear inputs are cast (one copy per linear) and weights cast once per forward
+    master: int = 0  # stored (sharded) parameters and reduced gradients; 0 = param
+    fsdp: bool = False  # applied by FSDP2, so FSDP2 runs even on one rank
+
+    @property
+    def stored(self) -> int:
+        return self.master or self.param
 
 
 PRECISIONS = {
     "fp32": Precision("fp32", 4, 4, 4, False),  # CPU, or a float32 run
     "bf16": Precision("bf16", 2, 2, 2, False),  # bf16 parameters (model.to(torch.bfloat16))
-    "bf16-autocast": Precision("bf16-autocast", 4, 4, 2, True),  # fp32 master weights + bf16 autocast (train)
+    "bf16-autocast": Precision("bf16-autocast", 4, 4, 2, True),  # fp32 master weights + bf16 autocast
+    # FSDP2 MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) over fp32 master shards (train on CUDA)
+    "bf16-mixed": Precision("bf16-mixed", 2, 2, 2, False, master=4, fsdp=True),
 }
 
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """One training step's settings. Defaults: what ``seqpack train`` does on GPUs."""
+    """One training step's settings. ``seqpack plan`` fills them from the config or ``seqpack train``'s defaults;
+    the defaults here (a GPU run, full checkpointing, the full-logits loss) are for calling the planner directly."""
 
     seq_len: int  # T: tokens of one packed row (micro-batch)
     gpus: int = 1  # W: ranks; FSDP2 shards parameters, gradients and optimizer state over all of them
     sp: int = 1  # S: sequence-parallel degree
     checkpoint: float = 1.0  # fraction of decoder layers with activation checkpointing (0..1)
-    precision: str = "bf16-autocast"
+    precision: str = "bf16-mixed"
     optimizer: str = "adamw"  # "adamw" (two fp32 moments) or "none"
     device: str = "cuda"  # "cuda" or "cpu" (no allocator slack, no context reserve, no flash workspace)
     micro_num: int = 1  # micro-batches per step; > 1 keeps gradients resident across micro-batches
@@ -79,8 +88,9 @@ class PlanOptions:
     doc_len: int | None = None  # document length for attention FLOPs; None: one document fills the row
     slack: float = 0.10  # allocator fragmentation, as a fraction of the allocated peak
     reserve_gib: float = 1.0  # CUDA context + NCCL buffers, outside the allocator
-    offload_checkpoints: bool = False  # what-if (not in seqpack): checkpointed layer inputs live in CPU memory
-    offload_optimizer: bool = False  # what-if (not in seqpack): AdamW moments and master weights on the CPU
+    offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (model.offload_checkpoints)
+    offload_optimizer: bool = False  # fp32 weights, gradients, AdamW on the host (hybrid_zero_optimizer.cpu_offload)
+    gpus_per_node: int | None = None  # for host memory per node; None: min(gpus, 8)
 
     def __post_init__(self):
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
@@ -118,6 +128,12 @@ class Plan:
     model_flops: float = 0.0  # per rank: 6 * params * tokens + causal attention (MFU convention of train)
     hardware_flops: float = 0.0  # + recomputation (checkpointing, tiled MLP, chunked loss)
     phase_components: dict[str, dict[str, int]] = field(default_factory=dict, repr=False)  # every phase's parts
+    host: dict[str, int] = field(default_factory=dict)  # per rank, in host memory (offloads)
+    host_per_node: int = 0  # host bytes of all ranks of one node
+
+    @property
+    def host_per_rank(self) -> int:
+        return sum(self.host.values())
 
     @property
     def step_peak(self) -> int:
@@ -128,7 +144,8 @@ class Plan:
         return dict(shape=asdict(self.shape), options=asdict(self.options), local_tokens=self.local_tokens,
                     peak_phase=self.peak_phase, components=self.components, allocated=self.allocated,
                     resident=self.resident, reserved=self.reserved, step_peak=self.step_peak, phases=self.phases,
-                    model_flops=self.model_flops, hardware_flops=self.hardware_flops)
+                    model_flops=self.model_flops, hardware_flops=self.hardware_flops, host=self.host,
+                    host_per_node=self.host_per_node)
 
 
 def check_sp(shape: ModelShape, sp: int) -> None:
@@ -166,18 +183,22 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     """Predict the per-rank peak memory of one training step (forward + loss + backward, and the optimizer)."""
     check_sp(shape, opts.sp)
     prec = PRECISIONS[opts.precision]
-    p, s, a = prec.param, prec.stream, prec.act
+    p, m, s, a = prec.param, prec.stored, prec.stream, prec.act  # m: stored (master) parameter/gradient bytes
     h, L, V, i = shape.hidden_size, shape.num_layers, shape.vocab_size, shape.intermediate_size
     q = shape.num_heads * shape.head_dim
     t = -(-opts.seq_len // opts.sp)  # shard_batch pads the row to a multiple of S
     W = opts.gpus
-    sharded = W > 1  # seqpack applies FSDP2 whenever there is more than one rank
+    sharded = W > 1 or prec.fsdp or opts.offload_optimizer  # FSDP2 (on a one-rank group for one process)
     cuda = opts.device == "cuda"
+    # offloaded to the host: parameter shards, reduced gradients and AdamW moments; checkpointed inputs. On a CPU
+    # run host and device are one memory: the offloaded tensors stay in the device parts (and are reported as host)
+    on_host = opts.offload_optimizer and cuda
 
     parts = layer_saved_bytes(shape, opts)
     A = sum(parts.values())  # one layer's saved tensors per token
     n_ckpt = round(opts.checkpoint * L)
-    ckpt_input = 0 if opts.offload_checkpoints else s * h
+    offload = opts.offload_checkpoints and n_ckpt > 0 and cuda
+    ckpt_input = 0 if offload else s * h
     held = [ckpt_input if j < n_ckpt else A for j in range(L)]  # per token, layer j
     final = 4 * h + s * h + a * h + 4  # final norm
     rope = 2 * shape.head_dim * s  # cos, sin shared by every layer
@@ -186,39 +207,50 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     # model states
     P, P_layer = shape.params, shape.layer_params
     P_head = V * h  # the head's gradient (or the tied embedding's) appears first in backward
-    resident_params = P * p // (W if sharded else 1)
-    optimizer = 8 * P // (W if sharded else 1) if opts.optimizer == "adamw" and not opts.offload_optimizer else 0
+    shard = W if sharded else 1
+    stored_params = P * m // shard
+    stored_optimizer = 8 * P // shard if opts.optimizer == "adamw" else 0
+    stored_grads = P * m // shard if opts.micro_num > 1 else 0
+    resident_params, optimizer, resident_grads = (0, 0, 0) if on_host else \
+        (stored_params, stored_optimizer, stored_grads)
     gathered = (shape.root_params + 2 * P_layer) * p if sharded else 0
-    resident_grads = P * p // (W if sharded else 1) if opts.micro_num > 1 else 0
     linear_per_layer = P_layer - 2 * h - (2 * shape.head_dim if shape.qk_norm else 0)
+    # FSDP2 reduces a bf16 gradient in fp32: one fp32 copy of the layer's gradients while it reduce-scatters
+    reduce_copy = P_layer * 4 if sharded and m != p else 0
 
     def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head) -> int:
         """Gradient bytes once the head, final norm and ``done_params`` more have their gradients; under FSDP2 the
         root's unsharded gradients wait for its reduce-scatter at the end of backward, a layer's for its own."""
         if not sharded:
             return max(resident_grads, (P_head + h + done_params) * p)
-        return resident_grads + (P_head + h + done_params) * p // W + root_unsharded * p + \
-            (P_layer * p if current_layer else 0)
+        reduced = 0 if on_host else (P_head + h + done_params) * m // W
+        return resident_grads + reduced + root_unsharded * p + \
+            ((P_layer * p + reduce_copy) if current_layer else 0)
 
     def casts(layers_held: int) -> int:  # autocast's bf16 weight copies kept by linears awaiting backward
         return 2 * (linear_per_layer * layers_held + V * h) if prec.autocast else 0
 
-    if opts.chunked_loss:
-        c = min(opts.loss_chunk, t)
-        loss_bytes, logits_kept = c * (a + 16) * V, 0
+    if opts.chunked_loss:  # one chunk's logits, their fp32 copy (none in fp32) and one fp32 softmax/CE buffer,
+        c = min(opts.loss_chunk, t)  # + the gradients made in forward: the head's in fp32 [V, h], the hidden's [t, h]
+        loss_bytes = c * V * (a + 4 + (4 if a != 4 else 0)) + 4 * V * h + t * a * h
+        logits_kept = 0
     else:
         loss_bytes, logits_kept = t * 12 * V, (t * a * V if opts.keep_logits else 0)
 
     base = dict(parameters=resident_params, optimizer=optimizer, fsdp_gathered=gathered)
     phases: dict[str, dict[str, int]] = {}
     # FSDP2 reshards the root after forward (gathers it again for the head's backward); the last layer stays gathered
+    # (the chunked loss runs inside the forward, while the root - embedding, head - is still gathered)
     phases["loss backward"] = dict(
-        base, fsdp_gathered=P_layer * p if sharded else 0, gradients=resident_grads,
+        base, fsdp_gathered=(P_layer + (shape.root_params if opts.chunked_loss else 0)) * p if sharded else 0,
+        gradients=resident_grads,
         held_activations=t * (sum(held) + final + rope), layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
         autocast_casts=casts(L - n_ckpt))
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
         extra_input = s * h if k < n_ckpt and s != 4 else 0  # a bf16 input is not the norm's fp32 copy
+        if k < n_ckpt and offload:  # its input came back from the host, the next layer's is on its way
+            extra_input = s * h * (2 if k > 0 else 1)
         mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile  # grads of the SiLU*up product
         mlp_phase = t * (A + extra_input + s * h) + mlp_temps  # + the gradient flowing in
         # attention backward: MLP and second norm freed; dq, dk, dv, grad of the output (+ flash's fp32 dq
@@ -236,10 +268,13 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
                               shape.root_params), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
-    if opts.optimizer == "adamw" and not opts.offload_optimizer:  # foreach AdamW temporaries (CUDA: one fp32 copy)
+    if opts.optimizer == "adamw" and not opts.offload_optimizer:
+        # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
+        # two fp32 temporaries of the largest parameter (measured: 2.0 x its bytes)
+        largest = max(V * h, h * i, h * q) // shard
         phases["optimizer step"] = dict(
-            parameters=resident_params, optimizer=optimizer, fsdp_gathered=0, gradients=P * p // (W if sharded else 1),
-            held_activations=0, layer_working=4 * (P // (W if sharded else 1) if cuda else V * h),
+            parameters=resident_params, optimizer=optimizer, fsdp_gathered=0, gradients=P * m // shard,
+            held_activations=0, layer_working=4 * (P // shard) if cuda else 2 * 4 * largest,
             attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
 
     totals = {name: sum(c.values()) for name, c in phases.items()}
@@ -247,8 +282,28 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     allocated = totals[peak_phase]
     reserved = int(allocated * (1 + (opts.slack if cuda else 0))) + int((opts.reserve_gib if cuda else 0) * GiB)
     model, hardware = step_flops_estimate(shape, opts, n_ckpt)
+    host = host_bytes(shape, opts, t, n_ckpt, s, stored_params, stored_optimizer, P * m // shard)
+    per_node = sum(host.values()) * (opts.gpus_per_node or min(W, 8))
     return Plan(shape, opts, t, peak_phase, phases[peak_phase], allocated, resident_params + optimizer + resident_grads,
-                reserved, totals, model, hardware, phases)
+                reserved, totals, model, hardware, phases, host, per_node)
+
+
+def pinned_size(nbytes: int) -> int:
+    """Bytes torch's pinned-memory cache hands out for a request (rounded up to a power of two)."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
+def host_bytes(shape: ModelShape, opts: PlanOptions, t: int, n_ckpt: int, s: int, params: int, optimizer: int,
+               grads: int) -> dict[str, int]:
+    """Host memory of one rank: the offloaded checkpoint inputs (pinned on CUDA, one per checkpointed layer) and
+    the offloaded optimizer (fp32 parameter shards, gradients and AdamW moments)."""
+    out = {}
+    if opts.offload_checkpoints and n_ckpt:
+        nbytes = t * s * shape.hidden_size
+        out["checkpoint_inputs"] = n_ckpt * (pinned_size(nbytes) if opts.device == "cuda" else nbytes)
+    if opts.offload_optimizer:
+        out.update(parameters=params, gradients=grads, optimizer=optimizer)
+    return out
 
 
 def step_flops_estimate(shape: ModelShape, opts: PlanOptions, n_ckpt: int) -> tuple[float, float]:
@@ -276,14 +331,17 @@ def step_flops_estimate(shape: ModelShape, opts: PlanOptions, n_ckpt: int) -> tu
     return model, model + extra / opts.sp
 
 
-def longest_fit(shape: ModelShape, opts: PlanOptions, gpu_bytes: int, multiple: int = 1024) -> Plan | None:
+def longest_fit(shape: ModelShape, opts: PlanOptions, gpu_bytes: int, multiple: int = 1024,
+                host_bytes_per_node: int | None = None) -> Plan | None:
     """The plan with the longest ``seq_len`` (a multiple of ``multiple * sp``) whose reserved memory fits
-    ``gpu_bytes`` per rank, or None when not even one multiple fits. Memory grows with T, so this bisects."""
+    ``gpu_bytes`` per rank (and its host memory ``host_bytes_per_node``, when given), or None when not even one
+    multiple fits. Memory grows with T, so this bisects."""
     step = multiple * opts.sp
 
     def fits(n: int) -> Plan | None:
         plan = plan_memory(shape, replace(opts, seq_len=n * step))
-        return plan if plan.reserved <= gpu_bytes else None
+        host_ok = host_bytes_per_node is None or plan.host_per_node <= host_bytes_per_node
+        return plan if plan.reserved <= gpu_bytes and host_ok else None
 
     best = fits(1)
     if best is None:
@@ -304,7 +362,7 @@ def sp_candidates(shape: ModelShape, gpus: int) -> list[int]:
     return [d for d in range(1, gpus + 1) if gpus % d == 0 and shape.num_heads % d == 0]
 
 
-def parse_memory(text: str) -> int:
+def parse_memory(text: str, flag: str = "--gpu-mem") -> int:
     """'80GiB', '80GB', '81920MiB', '80G' (= GiB) -> bytes. Raises ValueError naming the text otherwise."""
     units = {"gib": GiB, "g": GiB, "gb": 10**9, "mib": 2**20, "m": 2**20, "mb": 10**6, "tib": 2**40, "tb": 10**12}
     raw = str(text).strip().lower().replace(" ", "")
@@ -315,5 +373,5 @@ def parse_memory(text: str) -> int:
     except ValueError:
         value = math.nan
     if unit not in units or not value > 0:
-        raise ValueError(f"--gpu-mem {text!r}: give a positive number with a unit, e.g. 80GiB, 80GB, 81920MiB")
+        raise ValueError(f"{flag} {text!r}: give a positive number with a unit, e.g. 80GiB, 80GB, 81920MiB")
     return int(value * units[unit])

@@ -97,7 +97,18 @@ class ModelConfig:
     checkpoint: typing.Union[bool, float] = False
     """Activation checkpointing: True/False, or the fraction of layers (0..1) that recompute."""
     dtype: str = "torch.bfloat16"
-    """Compute dtype on CUDA (bf16 autocast over fp32 master weights). CPU always computes in float32."""
+    """Compute dtype (InternEvo's meaning): the dtype of the forward and backward; weights stay float32 (master
+    weights) and the optimizer updates them in float32. How it is applied: model.mixed_precision."""
+    mixed_precision: str = "auto"
+    """How model.dtype is applied. "fsdp": FSDP2 casts the float32 weights to model.dtype for forward and backward
+    and reduces gradients in float32 (torchtitan's), so activations, the residual stream and the inputs kept by
+    checkpointed layers are in model.dtype — half the bytes of "autocast"; one process runs FSDP2 on a one-rank
+    group. "autocast": torch.autocast over float32 weights (the residual stream stays float32). "auto": "fsdp" on
+    CUDA, float32 on the CPU. An explicit choice applies on the CPU too."""
+    offload_checkpoints: bool = False
+    """Keep the inputs of checkpointed layers in (pinned) host memory between forward and backward, copied on a
+    side CUDA stream and fetched back one layer ahead; exact (the same tensors come back). Needs
+    model.checkpoint."""
     attn_backend: str = "auto"
     """seqpack attention backend: "auto", "flash_attn", "torch_varlen", "sdpa"."""
     tiled_mlp: typing.Union[bool, int] = False
@@ -240,10 +251,14 @@ class LrSchedulerConfig:
 
 @dataclass
 class HybridZeroOptimizerConfig:
-    """``hybrid_zero_optimizer = dict(...)``: only gradient clipping is meaningful in seqpack."""
+    """``hybrid_zero_optimizer = dict(...)``: gradient clipping and optimizer offload."""
 
     clip_grad_norm: float = 1.0
     """Clip the global gradient 2-norm to this value; 0 = no clipping (the norm is still logged)."""
+    cpu_offload: bool = False
+    """Optimizer and master-weight offload (InternEvo's key): FSDP2 keeps the float32 parameter shards,
+    gradients and AdamW moments in host memory and the optimizer step runs on the CPU (torch's fused AdamW); the
+    GPU holds only the parameters gathered for the layers being computed. Exact: the same update."""
 
 
 @dataclass
@@ -257,7 +272,8 @@ class LossConfig:
     logits (same loss and gradients to float32 round-off). Families whose logit post-processing seqpack does not
     know fall back to full logits with a one-line notice."""
     chunk_size: int = 1024
-    """Tokens per chunk of the chunked loss: its extra memory is about 3 x chunk_size x vocab floats."""
+    """Tokens per chunk of the chunked loss: its extra memory is about 2 x chunk_size x vocab floats (2.5 under
+    bf16), plus the output head's float32 gradient."""
 
 
 @dataclass

@@ -48,7 +48,7 @@ IGNORED: dict[str, dict[str, str]] = {
     },
     "hybrid_zero_optimizer": {k: "FSDP2 handles communication" for k in (
         "overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size", "use_split_tensor_optim", "all_gather_size",
-        "zero_overlap_communication", "cpu_offload")},
+        "zero_overlap_communication")},
     "lr_scheduler": {},
     "parallel": {"sequence_2D": "2D sequence parallel is not supported (must be disabled)",
                  "expert": "expert parallel is not supported (experts run data parallel)"},
@@ -64,6 +64,7 @@ _MUST = {  # key: (value that is the only one supported, what to do)
 MODES = ("isp",)
 PACKINGS = ("cut", "into_one", "bfd", "padded")
 DATA_TYPES = ("tokenized", "hf", "streaming")
+MIXED_PRECISION = ("auto", "fsdp", "autocast")
 DTYPES = ("torch.bfloat16", "torch.float32", "torch.float16", "torch.half", "torch.tf32", "bfloat16", "float32")
 
 
@@ -106,6 +107,11 @@ def check_choices(cfg, source: str = "config") -> None:
         bad("model.norm_type", m.norm_type, "from-scratch models use the family's RMSNorm; set 'rmsnorm'")
     if m.dtype not in DTYPES:
         bad("model.dtype", m.dtype, f"choose one of {', '.join(DTYPES)}")
+    if m.mixed_precision not in MIXED_PRECISION:
+        bad("model.mixed_precision", m.mixed_precision, f"choose one of {', '.join(MIXED_PRECISION)}")
+    if m.offload_checkpoints and not m.checkpoint:
+        bad("model.offload_checkpoints", m.offload_checkpoints, "it offloads the inputs of checkpointed layers; set "
+            "model.checkpoint=True (or a fraction of layers) as well")
     if isinstance(m.checkpoint, float) and not 0.0 <= m.checkpoint <= 1.0:
         bad("model.checkpoint", m.checkpoint, "a fraction of layers must be within 0..1")
     if not isinstance(m.tiled_mlp, bool) and m.tiled_mlp < 1:

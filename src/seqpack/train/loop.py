@@ -100,14 +100,16 @@ def build_schedule(optimizer, cfg: Config) -> WarmupCosine:
 
 
 def build_optimizer(model, cfg: Config) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (not on norms and biases)."""
+    """AdamW; weight decay on matrices only (not on norms and biases). With the optimizer offloaded
+    (``hybrid_zero_optimizer.cpu_offload``) the parameters are host tensors and torch's fused CPU AdamW steps them."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     a = cfg.adam
     groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps)
+    fused = {"fused": True} if cfg.hybrid_zero_optimizer.cpu_offload else {}
+    return torch.optim.AdamW(groups, lr=a.lr, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_eps, **fused)
 
 
 def resolve_run_dir(cfg: Config) -> Path:

@@ -1,9 +1,9 @@
 """Build the model of a run: from a local Hugging Face folder or from a config, then parallelise it from outside.
 
 Order (torchtitan's): seqpack attention (with the SP group) -> fused kernels (Liger, CUDA) -> tiled MLP -> chunked
-loss -> activation checkpointing -> FSDP2 over all ranks. The model is built directly on the run's device (no fp32
-copy on the CPU first). Weights stay fp32 (master weights); on CUDA the forward runs under bf16 autocast
-(``model.dtype``).
+loss -> activation checkpointing (-> its offload to host memory) -> FSDP2 over all ranks (mixed precision, optimizer
+offload). The model is built directly on the run's device (no fp32 copy on the CPU first). Weights stay fp32
+(master weights); on CUDA the forward runs in ``model.dtype`` by FSDP2's mixed precision (``model.mixed_precision``).
 
     >>> cfg = load_config(None, ["--model.hidden_size", "32", "--model.num_layers", "2"])   # doctest: +SKIP
     >>> model = build_model(cfg, vocab_size=300)                                          # doctest: +SKIP
@@ -19,7 +19,7 @@ import torch
 
 import seqpack
 
-from ..ops import apply_fused_kernels, apply_tiled_mlp, enable_chunked_loss
+from ..ops import apply_fused_kernels, apply_tiled_mlp, enable_chunked_loss, offload_checkpoints
 from ..ops.layers import decoder_layers
 from ..parallel import apply_fsdp, check_model_heads
 from ..ssm.config import SSM_MODEL_TYPES, is_ssm, ssm_hf_config
@@ -103,13 +103,46 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
     if cfg.loss.chunked:
         enable_chunked_loss(model, cfg.loss.chunk_size, fused=fused.linear_cross_entropy if fused else None,
                             notice=say)
-    # 5) activation checkpointing (a fraction of the layers, from the first)
+    # 5) activation checkpointing (a fraction of the layers, from the first), their inputs offloaded to the host
     apply_activation_checkpointing(model, cfg.model.checkpoint)
-    # 6) FSDP2 over all ranks (no-op with one process)
+    if cfg.model.offload_checkpoints:
+        offload_checkpoints(model)
+    # 6) FSDP2 over all ranks (one process: no-op, or a one-rank group for mixed precision / optimizer offload)
     if topo is not None:
         model.to(topo.device)
-        apply_fsdp(model, topo)
+        apply_fsdp(model, topo, mp_policy=mixed_precision_policy(cfg, topo.device),
+                   offload_policy=optimizer_offload_policy(cfg, topo.device))
     return model
+
+
+def compute_mode(cfg: Config, device: torch.device) -> tuple[str | None, torch.dtype]:
+    """(how ``model.dtype`` is applied, that dtype): ("fsdp", bf16) = FSDP2 mixed precision, ("autocast", bf16) =
+    torch.autocast over fp32 weights, (None, float32) = float32 throughout (CPU by default, or model.dtype fp32)."""
+    dtype = DTYPES.get(cfg.model.dtype, torch.float32)
+    mode = cfg.model.mixed_precision
+    if mode == "auto":
+        mode = "fsdp" if device.type == "cuda" else None
+    return (None, torch.float32) if dtype == torch.float32 or mode is None else (mode, dtype)
+
+
+def mixed_precision_policy(cfg: Config, device: torch.device):
+    """FSDP2's ``MixedPrecisionPolicy(param_dtype=model.dtype, reduce_dtype=float32)`` when the run computes in
+    ``model.dtype`` that way (see :func:`compute_mode`), else None."""
+    mode, dtype = compute_mode(cfg, device)
+    if mode != "fsdp":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def optimizer_offload_policy(cfg: Config, device: torch.device):
+    """FSDP2's ``CPUOffloadPolicy`` for ``hybrid_zero_optimizer.cpu_offload`` (pinned host memory on CUDA)."""
+    if not cfg.hybrid_zero_optimizer.cpu_offload:
+        return None
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda")
 
 
 def uses_chunked_loss(model) -> bool:
@@ -130,23 +163,34 @@ def apply_activation_checkpointing(model, checkpoint: bool | float) -> None:
             layer.gradient_checkpointing = i < keep
 
 
+DTYPES = {"torch.bfloat16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.float16": torch.float16,
+          "float16": torch.float16, "torch.half": torch.float16}
+
+
 def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The bf16/fp16 autocast dtype ``model.dtype`` asks for on CUDA; None (fp32, no autocast) on CPU."""
-    dtype = {"torch.bfloat16": torch.bfloat16, "bfloat16": torch.bfloat16, "torch.float16": torch.float16,
-             "float16": torch.float16, "torch.half": torch.float16}.get(cfg.model.dtype)
-    return dtype if device.type == "cuda" else None
+    """The autocast dtype of a ``model.mixed_precision="autocast"`` run; None otherwise (no autocast)."""
+    mode, dtype = compute_mode(cfg, device)
+    return dtype if mode == "autocast" else None
 
 
 def autocast(cfg: Config, device: torch.device):
-    """bf16/fp16 autocast on CUDA as ``model.dtype`` asks; fp32 (no autocast) on CPU."""
+    """torch.autocast to ``model.dtype`` for an "autocast" run; a no-op otherwise (FSDP2 casts, or float32)."""
     dtype = autocast_dtype(cfg, device)
     return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def precision(cfg: Config, device: torch.device) -> str:
-    """For the startup line: "bfloat16 autocast (fp32 weights)" or "float32"."""
-    dtype = autocast_dtype(cfg, device)
-    return "float32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast (fp32 weights)"
+    """For the startup line: "bfloat16 (FSDP2 mixed precision, fp32 weights)", "bfloat16 autocast (fp32 weights)",
+    "float32"; "+ optimizer offload" / "+ checkpoint offload" when on."""
+    mode, dtype = compute_mode(cfg, device)
+    name = str(dtype).removeprefix("torch.")
+    text = {None: "float32", "fsdp": f"{name} (FSDP2 mixed precision, fp32 weights)",
+            "autocast": f"{name} autocast (fp32 weights)"}[mode]
+    if cfg.hybrid_zero_optimizer.cpu_offload:
+        text += " + optimizer offload"
+    if cfg.model.offload_checkpoints:
+        text += " + checkpoint offload"
+    return text
 
 
 def count_params(model) -> tuple[int, int]:

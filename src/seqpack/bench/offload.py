@@ -1,0 +1,129 @@
+"""``seqpack bench offload``: step time of bf16 mixed precision against float32, and of each offload (checkpoint
+inputs, optimizer) against the same step without it, side by side in one process; bytes each moves off the device.
+
+Every setting runs ``seqpack train``'s step (``build_model`` + ``build_optimizer``, chunked loss, full activation
+checkpointing, AdamW) on one packed row, one process (FSDP2 on a one-rank group where a setting needs it). The
+settings take turns, ``--repeats`` rounds of ``--steps`` steps each, and the median step time of each is reported as
+a ratio to its natural alternative, so machine load cancels out. On a CPU the host *is* the device: the offloads
+here cost their copies and hooks but save nothing; the bytes they would take off a GPU are counted from the
+tensors they move (checkpoint inputs: recorded by the hooks; optimizer: parameter shards, gradients, moments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+SETTINGS = {  # name -> (config keys, the setting it is compared with)
+    "fp32": ({}, None),
+    "bf16": ({"model.mixed_precision": "fsdp"}, "fp32"),
+    "bf16 + checkpoint offload": ({"model.mixed_precision": "fsdp", "model.offload_checkpoints": True}, "bf16"),
+    "bf16 + optimizer offload": ({"model.mixed_precision": "fsdp", "hybrid_zero_optimizer.cpu_offload": True},
+                                 "bf16"),
+    "bf16 + both offloads": ({"model.mixed_precision": "fsdp", "model.offload_checkpoints": True,
+                              "hybrid_zero_optimizer.cpu_offload": True}, "bf16"),
+}
+
+
+class _Run:
+    """One setting's model, optimizer and timed steps."""
+
+    def __init__(self, keys: dict, args, row):
+        import torch
+
+        from ..parallel import init_topology
+        from ..train import load_config
+        from ..train.loop import build_optimizer
+        from ..train.model import build_model
+
+        flags = ["--model.hidden_size", str(args.hidden), "--model.num_layers", str(args.layers),
+                 "--model.num_attention_heads", str(args.heads), "--model.checkpoint", "True",
+                 "--train.device", "cpu"]
+        for key, value in keys.items():
+            flags += [f"--{key}", str(value)]
+        self.cfg = load_config(None, flags)
+        self.topo = init_topology(device="cpu")
+        self.model = build_model(self.cfg, args.vocab, self.topo)
+        self.optimizer = build_optimizer(self.model, self.cfg)
+        self.row, self.times, self.torch = row, [], torch
+        offload = getattr(self.model, "_seqpack_checkpoint_offload", None)
+        self.record = [] if offload is not None else None
+        if offload is not None:
+            offload.record = self.record
+
+    def step(self) -> None:
+        from ..parallel import StepLoss
+
+        b = self.row
+        t0 = time.perf_counter()
+        loss = StepLoss([b], None)
+        total = self.model(**b.model_inputs(), use_cache=False, chunked_loss_labels=b.shift_labels).loss
+        loss.sum_loss(total).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.times.append(time.perf_counter() - t0)
+
+    def moved_bytes(self) -> int:
+        """Bytes per step this setting takes off a GPU."""
+        moved = 0
+        if self.record is not None and self.times:
+            moved += sum(r[3] for r in self.record) // (len(self.times))
+        if self.cfg.hybrid_zero_optimizer.cpu_offload:
+            n = sum(p.numel() for p in self.model.parameters())
+            moved += n * (4 + 4 + 8)  # fp32 shards, fp32 gradients, two fp32 AdamW moments
+        return moved
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="seqpack bench offload", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=4096, help="tokens of the packed row (default 4096)")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over all settings (default 3)")
+    args = parser.parse_args(argv)
+    import torch
+
+    import seqpack
+
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    lengths, left = [], args.seq_len
+    while left:  # documents of 256..2048 tokens
+        n = min(left, int(torch.randint(256, 2049, (1,), generator=g)))
+        lengths.append(n)
+        left -= n
+    row = seqpack.pack([torch.randint(3, args.vocab, (n,), generator=g) for n in lengths])
+    runs = {}
+    try:
+        for name, (keys, _) in SETTINGS.items():
+            runs[name] = _Run(keys, args, row)
+            runs[name].step()  # warm-up: allocations, AdamW state
+            runs[name].times.clear()
+            if runs[name].record is not None:
+                runs[name].record.clear()
+        for _ in range(args.repeats):
+            for run in runs.values():
+                for _ in range(args.steps):
+                    run.step()
+    finally:
+        for run in runs.values():
+            run.topo.destroy()
+    print(f"CPU, one process, OMP_NUM_THREADS=1, T={args.seq_len} ({len(lengths)} documents), hidden {args.hidden}, "
+          f"{args.layers} layers, vocab {args.vocab}, full checkpointing, chunked loss, AdamW; median of "
+          f"{args.steps * args.repeats} steps each, settings interleaved")
+    print("| setting | step ms | vs | time ratio | MiB off the GPU per step |\n|---|---:|---|---:|---:|")
+    medians = {name: statistics.median(run.times) for name, run in runs.items()}
+    for name, (_, against) in SETTINGS.items():
+        ratio = f"{medians[name] / medians[against]:.2f}x" if against else ""
+        print(f"| {name} | {medians[name] * 1e3:.0f} | {against or ''} | {ratio} | "
+              f"{runs[name].moved_bytes() / 2**20:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
