@@ -142,10 +142,19 @@ class KernelAdapter:
                 kwargs["softcap"] = spec.softcap
             out, lse, _ = self.fn(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kwargs)
         else:
-            from torch.nn.attention.varlen import AuxRequest
-
-            out, lse = self.fn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=AuxRequest(lse=True), **kwargs)
+            out, lse = self.fn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=_aux_request_lse(), **kwargs)
         return out, lse_rows(lse, q.shape[0], N)
+
+
+def _aux_request_lse():
+    """torch's ``AuxRequest(lse=True)`` (``return_aux`` of ``varlen_attn``)."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:  # a torch without the varlen module (stand-in kernels in tests)
+        from collections import namedtuple
+
+        AuxRequest = namedtuple("AuxRequest", ["lse"])
+    return AuxRequest(lse=True)
 
 
 def lse_rows(lse: torch.Tensor, T: int, N: int) -> torch.Tensor:
