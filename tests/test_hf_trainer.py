@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArgu
 
 import seqpack
 from seqpack.hf import DataCollatorForPacking, SequenceParallelTrainer, packed_batch_from_inputs
+from seqpack.parallel.ring_split import CHUNKS_PER_RANK
 
 from conftest import tiny_config
 
@@ -239,7 +240,7 @@ def _sp_trainer_case(out, dp: int, sp: int, ring: int = 1):
     if dp == 2:
         assert not set(everyone[0]) & set(everyone[2]) - {everyone[0][0]}  # DP groups: disjoint (one repeat pads)
     row = DataCollatorForPacking()(_examples(24, seed=7)[:2])
-    multiple = sp if ring == 1 else 2 * sp  # the zigzag split of ring attention cuts 2 x ring chunks
+    multiple = sp if ring == 1 else CHUNKS_PER_RANK * sp  # the ring split cuts chunks
     padded = -(-row["input_ids"].shape[1] // multiple) * multiple
     assert trainer.shard_inputs(row)["input_ids"].shape[1] == padded // sp  # [1, T/S]
     trainer.train()

@@ -2,7 +2,7 @@
 
 Real gloo ranks spawned under pytest; several cases per spawned world (start-up dominates on 2 busy cores). Each
 model case computes the reference step in-process on the whole rows (token-mean loss over every valid target),
-then the parallel step on zigzag shards, and compares the loss (1e-5 relative) and every parameter gradient
+then the parallel step on the ring-split shards, and compares the loss (1e-5 relative) and every parameter gradient
 (1e-4 relative). The attention cases compare ring attention itself: exact float32 against the per-document
 reference, the stand-in kernels (the real kernels' signatures and log-sum-exp layout) against the exact path, and
 bf16 against an fp32 per-document reference.
@@ -25,15 +25,16 @@ from seqpack.attention.ring_blocks import block_segments
 from seqpack.loss import token_loss_sum
 from seqpack.models import register_models
 from seqpack.parallel import ParallelDims, StepLoss, all_reduce_gradients, apply_fsdp, shard_batch
-from seqpack.parallel.zigzag import ring_chunks, zigzag_positions
+from seqpack.parallel.ring_split import CHUNKS_PER_RANK, ring_chunks, split_positions
 
 sys.path.insert(0, os.path.dirname(__file__))
 import stand_in_kernels as stand_in  # noqa: E402
 from conftest import VOCAB, tiny_config  # noqa: E402
 
 RTOL = 1e-4
-# a 1-token document, one spanning 3+ chunks, one inside a chunk, 44 tokens: padded by a dummy segment
-DOCS = [1, 21, 1, 2, 3, 9, 1, 6]
+# 1-token documents, ones spanning 3+ shards, one wholly inside one shard (ring 4), 245 tokens: padded by a dummy
+# segment (test_documents_cover_the_cases)
+DOCS = [1, 90, 1, 2, 3, 40, 1, 6, 30, 2, 50, 19]
 
 # name -> (family, config overrides, dp, ring, ulysses, head_first, fsdp, documents per micro-batch per DP rank)
 CASES_4 = {
@@ -115,9 +116,9 @@ def _ring_attention_cases(group, cu_docs, seed):
     per-document error; unconnected blocks skipped."""
     C, c = dist.get_world_size(group), dist.get_rank(group)
     cu = _docs(cu_docs, 0).cu_seqlens.tolist()
-    T = -(-cu[-1] // (2 * C)) * 2 * C
+    T = -(-cu[-1] // (CHUNKS_PER_RANK * C)) * CHUNKS_PER_RANK * C
     cu = cu + [T] if cu[-1] != T else cu
-    pos = zigzag_positions(T, C, 1, c)
+    pos = split_positions(cu, C, 1, c)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(T, h, 16, generator=g) for h in (4, 1, 1))  # GQA with one KV head
     dout = torch.randn(T, 4, 16, generator=g)
@@ -160,10 +161,10 @@ def _ring_attention_cases(group, cu_docs, seed):
 
 def _skips_and_errors():
     # a row of short documents: most (query chunk, key chunk) pairs have no document in common -> skipped
-    cu = tuple(range(0, 65, 4))  # 16 documents of 4 tokens, C = 4: chunks of 8
+    cu = tuple(range(0, 129, 2))  # 64 documents of 2 tokens, C = 4: 64 chunks of 2
     computed = sum(bool(block_segments(cu, 4, c, s, None)) for c in range(4) for s in range(4))
     assert computed == 4, "only each rank's own block is connected"
-    assert ring_chunks(16, 2, 1) == ((4, 8), (8, 12))
+    assert sorted(a for c in range(4) for r in ring_chunks(cu, 4, c) for a in range(*r)) == list(range(128))
     topo = ParallelDims(sp=dist.get_world_size(), ring=2)
     llama = seqpack.dispatch(AutoModelForCausalLM.from_config(tiny_config("llama", attention_dropout=0.1)),
                              **topo.attention_groups())
@@ -220,11 +221,12 @@ def _ring_model_c3(group, seed):
 
 def test_documents_cover_the_cases():
     cu = _docs(DOCS, 0).cu_seqlens.tolist()
-    T = -(-cu[-1] // 8) * 8
-    assert cu[-1] % 8, "the row needs a dummy segment"
-    L = T // 8  # ring 4: 8 chunks
-    spans = [len({i // L for i in range(a, b)}) for a, b in zip(cu, cu[1:])]
-    assert max(spans) >= 3 and 1 in DOCS and any(s == 1 and b - a > 1 for s, a, b in zip(spans, cu, cu[1:]))
+    assert cu[-1] % (CHUNKS_PER_RANK * 4), "the row needs a dummy segment"
+    cu = tuple(cu + [-(-cu[-1] // (CHUNKS_PER_RANK * 4)) * CHUNKS_PER_RANK * 4])
+    owner = {i: c for c in range(4) for a, b in ring_chunks(cu, 4, c) for i in range(a, b)}
+    ranks = [{owner[i] for i in range(a, b)} for a, b in zip(cu, cu[1:])]
+    assert max(map(len, ranks)) >= 3 and 1 in DOCS
+    assert any(len(r) == 1 and b - a > 1 for r, a, b in zip(ranks, cu, cu[1:])), "no document inside one shard"
 
 
 @pytest.mark.parametrize("world,cases", [(4, CASES_4), (8, CASES_8)], ids=["world4", "world8"])

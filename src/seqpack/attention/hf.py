@@ -24,7 +24,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
 from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
-from ..parallel.zigzag import zigzag_positions
+from ..parallel.ring_split import split_positions
 from .backends import compute_dtype, resolve_backend
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
 from .multimodal import attn_implementation_for, bidirectional_attention, is_multimodal, prepare_multimodal
@@ -79,10 +79,8 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
     if sp_size * ring > 1 and cu_tensor is None:
         raise ValueError("sequence parallel needs the global cu_seq_lens_q/k of the packed row; pass "
                          "seqpack.parallel.shard_batch(batch, sp_size, sp_rank).model_inputs() to the model")
-    local = (zigzag_positions(T * sp_size * ring, ring, sp_size, ring_rank, sp_rank) if ring > 1
-             else sp_rank * T)  # the global positions of this rank's tokens
     cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"),
-                                T * sp_size * ring, start=local)
+                                T * sp_size * ring, start=sp_rank * T, ring=(ring, sp_size, ring_rank, sp_rank))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [1, H, T, D] -> [T, H, D]
     backend = resolve_backend(opts.backend, q.device, spec, compute_dtype(q), q.shape[-1])  # errors before any work
     if opts is not DEFAULT_OPTIONS:
@@ -126,10 +124,10 @@ def seqpack_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
 _validated: tuple = (None, None)  # one-slot memo: (weakref to the cu_seqlens tensor, its host list)
 
 
-def _documents(cu_tensor, max_length, position_ids, T: int, start=0) -> tuple[list[int], int]:
+def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0, ring=None) -> tuple[list[int], int]:
     """Host list of document boundaries, validated once per forward (all layers share the same tensor).
-    ``T`` is the whole row; with sequence parallel ``position_ids`` is the local shard starting at token ``start``
-    (an int), or at the global positions ``start`` (a tensor: the zigzag split of ring attention)."""
+    ``T`` is the whole row; with sequence parallel ``position_ids`` is the local shard starting at token ``start``,
+    or with ``ring`` = (C, U, ring_rank, ulysses_rank), C > 1, the chunks of the ring split."""
     global _validated
     if cu_tensor is not None:
         ref, cached = _validated
@@ -138,6 +136,8 @@ def _documents(cu_tensor, max_length, position_ids, T: int, start=0) -> tuple[li
         else:
             cu = check_cu_seqlens(cu_tensor, T)
             if position_ids is not None:
+                if ring is not None and ring[0] > 1:
+                    start = split_positions(cu, *ring)  # the global positions of this rank's tokens
                 _check_positions(position_ids, cu, start)
             _validated = (weakref.ref(cu_tensor), cu)
     elif position_ids is not None:  # like transformers' flash path: a document starts where position_ids == 0

@@ -1,9 +1,9 @@
 """Exact packed varlen ring attention over the context (ring) group of 2D sequence parallelism.
 
-Shape legend: T tokens of the padded row, C ring degree, Tq = T/C local tokens (two zigzag chunks), H query
+Shape legend: T tokens of the padded row, C ring degree, Tq = T/C local tokens (its chunks of the row), H query
 heads, Hkv key/value heads, D head dim.
 
-Every ring rank holds the queries, keys and values of its two chunks of the row (:mod:`seqpack.parallel.zigzag`)
+Every ring rank holds the queries, keys and values of its chunks of the row (:mod:`seqpack.parallel.ring_split`)
 for H heads (after the Ulysses all-to-all when there is one). In C steps the key/value chunks travel once around
 the ring; at each step the rank computes only the (query, key) segments that the GLOBAL ``cu_seqlens`` connect
 (:mod:`seqpack.attention.ring_blocks`: a block no local query document reaches costs nothing), and merges the
@@ -112,7 +112,7 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, cu: list[int], spec, group, backend: str = "sdpa") -> torch.Tensor:
-    """Causal packed attention over the ring ``group``. q [T/C, H, D], k/v [T/C, Hkv, D] (this ring rank's zigzag
+    """Causal packed attention over the ring ``group``. q [T/C, H, D], k/v [T/C, Hkv, D] (this ring rank's
     chunks, whole heads) -> [T/C, H, D] in the compute dtype; ``cu`` the GLOBAL boundaries 0 .. T (host list);
     ``backend`` a resolved backend name (``"sdpa"`` = exact float32 math, or a kernel returning the LSE)."""
     check_ring_spec(spec)

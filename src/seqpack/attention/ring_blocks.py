@@ -3,7 +3,7 @@
 Shape legend: T tokens of the padded row, C ring degree, L = T/(2C) chunk length, Tq = 2L local queries,
 H query heads, Hkv key/value heads, D head dim, g = H / Hkv.
 
-A ring rank holds two chunks of the row (:mod:`seqpack.parallel.zigzag`); at each step it sees the key/value
+A ring rank holds chunks of the row (:mod:`seqpack.parallel.ring_split`); at each step it sees the key/value
 chunks of one other rank. Chunks are disjoint ranges of the row, so for a (query chunk, key chunk) pair:
 
 - the same chunk (step 0 only): causal attention within every document clipped to the chunk — one varlen call;
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..parallel.zigzag import ring_chunks
+from ..parallel.ring_split import ring_chunks
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ def block_segments(cu: tuple[int, ...], ring: int, q_rank: int, kv_rank: int,
                    window: int | None) -> tuple[Segment, ...]:
     """The segments ring rank ``q_rank`` computes against the key/value chunks of ``kv_rank`` (see the module
     docstring); ``()`` when no local query document reaches that block."""
-    T = cu[-1]
     out = []
-    q_chunks, k_chunks = ring_chunks(T, ring, q_rank), ring_chunks(T, ring, kv_rank)
+    q_chunks, k_chunks = ring_chunks(cu, ring, q_rank), ring_chunks(cu, ring, kv_rank)
     q_local = k_local = 0
     for qa, qb in q_chunks:
         k_local = 0

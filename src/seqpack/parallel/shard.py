@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batch import IGNORE_INDEX, PackedBatch, positions_from_cu_seqlens
-from .zigzag import SplitPlan
+from .ring_split import SplitPlan
 
 
 @dataclass
@@ -35,8 +35,8 @@ class ShardedBatch:
     cu_seqlens    [n+1]    int32  GLOBAL document boundaries 0 .. T (including a dummy pad segment)
     max_seqlen    int             GLOBAL longest segment
     sp_size, sp_rank              S and this rank's logical index in the SP group
-    ring_size                     C, the ring (context) degree of S = C x U; >1: the zigzag split
-                                  (:mod:`seqpack.parallel.zigzag`), so this rank's tokens are two chunks of the row
+    ring_size                     C, the ring (context) degree of S = C x U; >1: the balanced chunk split
+                                  (:mod:`seqpack.parallel.ring_split`), so this rank's tokens are chunks of the row
     """
 
     input_ids: torch.Tensor
@@ -99,8 +99,9 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
                 ring_size: int = 1) -> ShardedBatch:
     """Pad ``batch`` to a multiple of ``sp_size`` and return slice ``sp_rank`` (every rank of the SP group calls
     this with the same row). Raises ValueError for a degree/rank out of range or a row shorter than S.
-    With ``ring_size`` C > 1 (2D: S = C ring ranks x S/C Ulysses ranks) the row is padded to a multiple of 2S and
-    split zigzag (:mod:`seqpack.parallel.zigzag`); ``sp_rank`` is the logical rank ``ring_rank * (S/C) +
+    With ``ring_size`` C > 1 (2D: S = C ring ranks x S/C Ulysses ranks) the row is padded to a multiple of 16 S
+    and split in chunks balanced by attention work (:mod:`seqpack.parallel.ring_split`); ``sp_rank`` is the
+    logical rank ``ring_rank * (S/C) +
     ulysses_rank`` (``ParallelDims.sp_rank``).
     A :class:`~seqpack.multimodal.MultimodalBatch` shards itself (its images are merged before the split)."""
     if not isinstance(batch, PackedBatch) and hasattr(batch, "shard"):
@@ -125,7 +126,7 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
         size = full.num_tokens // sp_size
         cut = slice(sp_rank * size, (sp_rank + 1) * size)
     else:
-        cut = plan.positions(full.num_tokens, sp_rank).to(full.input_ids.device)
+        cut = plan.positions(full.cu_seqlens.tolist(), sp_rank).to(full.input_ids.device)
     return ShardedBatch(
         input_ids=full.input_ids[:, cut],
         shift_labels=full.shift_labels[:, cut],

@@ -180,7 +180,7 @@ class Sequence2DConfig:
     head_size: int = 1
     """Ulysses degree U (heads split U ways by an all-to-all)."""
     context_size: int = 1
-    """Ring degree C (the row split zigzag over C ranks; keys/values travel around the ring)."""
+    """Ring degree C (the row split in chunks balanced over C ranks; keys/values travel around the ring)."""
     window_size: int = 1
     """InternEvo's double-ring window (a communication schedule); seqpack runs one ring over the context group:
     the results are identical; must divide context_size."""
