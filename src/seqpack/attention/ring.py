@@ -13,7 +13,8 @@ The backward is a :class:`torch.autograd.Function` of its own, not autograd thro
 segment's probabilities from the merged output and log-sum-exp (FlashAttention's backward, block by block), adds
 dq locally and lets dk/dv travel around the ring with the key/value chunks back to their owner. The forward runs on
 flash-attn / torch ``varlen_attn`` (both return the log-sum-exp) or on the exact float32 math on any device; the
-backward recomputes with the exact float32 math.
+backward recomputes with the exact float32 math. The exact math works in tiles of at most 512 × 512 (query,
+key) pairs and skips tiles above the causal diagonal, so its memory does not grow with the document length.
 
 Supported: causal attention, sliding window, GQA (KV heads never repeated on the exact path), logit softcap (exact
 and flash-attn). Refused with a ValueError: attention dropout, ALiBi, non-causal attention.
@@ -27,7 +28,7 @@ import torch
 
 from ..parallel.comm import RingPass, group_rank, group_size
 from . import backends
-from .ring_blocks import block_segments, merge_into, segment_backward, segment_forward
+from .ring_blocks import block_segments, merge_into, segment_backward, segment_forward, tiles
 
 
 def check_ring_spec(spec) -> None:
@@ -48,8 +49,9 @@ def _block_forward(q, kv, segs, spec, backend, out_acc, lse_acc):
     W = spec.sliding_window
     if backend == "sdpa":
         for seg in segs:
-            out, lse = segment_forward(q, k, v, seg, spec.scale, W, spec.softcap)
-            merge_into(out_acc, lse_acc, slice(seg.q0, seg.q1), out, lse)
+            for tile in tiles(seg, W):
+                out, lse = segment_forward(q, k, v, tile, spec.scale, W, spec.softcap)
+                merge_into(out_acc, lse_acc, slice(tile.q0, tile.q1), out, lse)
         return
     kernel = backends.kernel(backend)
     diagonal = [s for s in segs if s.diagonal]
@@ -104,8 +106,9 @@ class _RingAttention(torch.autograd.Function):
         ring = RingPass(group) if C > 1 else None
         for step in range(C):
             for seg in block_segments(cu, C, c, (c - step) % C, spec.sliding_window):
-                segment_backward(q, kv[0], kv[1], dout, out, lse, seg, spec.scale, spec.sliding_window,
-                                 spec.softcap, dq, dkv[0], dkv[1])
+                for tile in tiles(seg, spec.sliding_window):
+                    segment_backward(q, kv[0], kv[1], dout, out, lse, tile, spec.scale, spec.sliding_window,
+                                     spec.softcap, dq, dkv[0], dkv[1])
             if C > 1:  # the last pass brings every block's dk/dv home to its owner
                 kv, dkv = ring.start([kv, dkv]).wait() if step < C - 1 else (kv, ring.start([dkv]).wait()[0])
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None, None

@@ -74,6 +74,25 @@ def block_segments(cu: tuple[int, ...], ring: int, q_rank: int, kv_rank: int,
     return tuple(out)
 
 
+TILE = 512  # the exact path computes a segment in tiles of at most TILE x TILE (memory O(TILE^2), not O(L^2))
+
+
+def tiles(seg: Segment, window: int | None, size: int = TILE):
+    """The sub-segments of at most ``size`` x ``size`` of ``seg`` that hold a visible (query, key) pair; tiles
+    wholly above the causal diagonal (or outside the window) are skipped. Merging their partial results by
+    log-sum-exp gives the segment's result exactly."""
+    for i0 in range(seg.q0, seg.q1, size):
+        i1 = min(i0 + size, seg.q1)
+        for j0 in range(seg.k0, seg.k1, size):
+            j1 = min(j0 + size, seg.k1)
+            offset = seg.offset + (i0 - seg.q0) - (j0 - seg.k0)  # global query i0 minus global key j0
+            if (i1 - i0 - 1) + offset < 0:  # the last query is before the first key
+                continue
+            if window is not None and offset - (j1 - j0 - 1) >= window:  # the first query is past every key
+                continue
+            yield Segment(i0, i1, j0, j1, offset, seg.diagonal and i0 - seg.q0 == j0 - seg.k0)
+
+
 def _visible(seg: Segment, window: int | None, device) -> torch.Tensor:
     """[Lq, Lk] bool: query i sees key j."""
     diff = (torch.arange(seg.q1 - seg.q0, device=device)[:, None] + seg.offset
@@ -101,8 +120,8 @@ def segment_forward(q, k, v, seg: Segment, scale: float, window: int | None, sof
     ks, vs = k[seg.k0:seg.k1].float(), v[seg.k0:seg.k1].float()  # [Lk, Hkv, D]
     s, _ = _scores(qs, ks, scale, softcap)
     s = s.masked_fill(~_visible(seg, window, q.device), -math.inf)
-    lse = torch.logsumexp(s, dim=-1)  # [Hkv, g, Lq]
-    p = torch.exp(s - lse[..., None])
+    lse = torch.logsumexp(s, dim=-1)  # [Hkv, g, Lq]; -inf for a row of a tile that sees no key
+    p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])  # such a row: 0
     out = torch.einsum("hgij,jhd->ihgd", p, vs).flatten(1, 2)  # [Lq, H, D]
     return out, lse.flatten(0, 1).transpose(0, 1)  # [Lq, H]
 
@@ -136,6 +155,6 @@ def merge_into(out_acc, lse_acc, rows: slice, out, lse) -> None:
     old_out, old_lse = out_acc[rows], lse_acc[rows]
     new_lse = torch.logaddexp(old_lse, lse)
     w_old = torch.exp(old_lse - new_lse).nan_to_num_(0.0)  # -inf - -inf: nothing merged before
-    w_new = torch.exp(lse - new_lse)
+    w_new = torch.exp(lse - new_lse).nan_to_num_(0.0)
     out_acc[rows] = old_out * w_old[..., None] + out * w_new[..., None]
     lse_acc[rows] = new_lse
