@@ -1,7 +1,8 @@
 """``seqpack plan``: how long a context fits, per-rank memory broken down, and the step FLOPs.
 
     seqpack plan path/to/hf_folder --gpus 8 --gpu-mem 80GiB --seq_len 131072 --sp 8
-    seqpack plan configs/7B_hf.py --gpus 8 --gpu-mem 80GiB --max          # longest T for every sp
+    seqpack plan configs/7B_hf.py --gpus 8 --gpu-mem 80GiB --max          # longest T for every (sp, ring) split
+    seqpack plan path/to/hf_folder --gpus 16 --seq_len 524288 --sp 16 --ring 4  # 4 Ulysses x 4 ring ranks
     seqpack plan config.json --gpus 8 --gpu-mem 80GiB --max --chunked-loss --tiled-mlp --json
 
 Defaults come from an InternEvo-style config when one is given (seq_len x micro_bsz, tensor.size as sp,
@@ -17,13 +18,14 @@ import json
 import sys
 from dataclasses import replace
 
-from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, plan_memory, sp_candidates
+from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, plan_memory, split_candidates
 from .shape import load_shape
 
 LABELS = {"parameters": "parameters (sharded)", "optimizer": "AdamW moments (sharded)",
           "fsdp_gathered": "FSDP2 gathered parameters", "gradients": "gradients",
           "held_activations": "activations kept for backward", "layer_working": "layer under backward (+ temps)",
           "attention_workspace": "attention workspace", "sp_all_to_all": "SP all-to-all buffers",
+          "ring_buffers": "ring attention buffers (k/v, dk/dv in flight, fp32 dq, one tile)",
           "logits_loss": "logits / loss", "autocast_casts": "autocast bf16 weight copies"}
 
 
@@ -36,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--seq_len", "--seq-len", type=int, help="tokens of one packed row (default: the config's "
                       "seq_len x micro_bsz, else 8192)")
-    what.add_argument("--max", action="store_true", help="longest seq_len that fits, for every sp dividing "
-                      "--gpus and the heads (or only --sp)")
+    what.add_argument("--max", action="store_true", help="longest seq_len that fits, for every (sp, ring) split: "
+                      "sp dividing --gpus (or only --sp), ring dividing sp, sp / ring dividing the heads")
     parser.add_argument("--sp", type=int, help="sequence-parallel degree (default: the config's, else 1)")
+    parser.add_argument("--ring", type=int, help="ring degree of 2D sequence parallel, sp = ring x ulysses "
+                        "(default: the config's sequence_2D.context_size, else 1)")
     parser.add_argument("--checkpoint", type=float, help="fraction of layers with activation checkpointing "
                         "(default: the config's model.checkpoint, else 1)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), help="default: bf16-autocast (fp32 master "
@@ -64,15 +68,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from(args, cfg) -> PlanOptions:
     """PlanOptions from the command line, defaults from the seqpack Config ``cfg`` (or None)."""
-    seq_len, sp, ckpt, precision, micro = 8192, 1, 1.0, "bf16-autocast", 1
+    seq_len, sp, ckpt, precision, micro, ring = 8192, 1, 1.0, "bf16-autocast", 1, 1
     if cfg is not None:
-        seq_len, sp = cfg.data.seq_len * cfg.data.micro_bsz, cfg.parallel.tensor.size
+        seq_len, sp, ring = cfg.data.seq_len * cfg.data.micro_bsz, cfg.parallel.tensor.size, cfg.parallel.ring_size
         ckpt, micro = float(cfg.model.checkpoint), cfg.data.micro_num
         precision = "fp32" if cfg.model.dtype in ("torch.float32", "float32", "torch.float") else "bf16-autocast"
     pick = lambda given, default: default if given is None else given  # noqa: E731
     if args.gpus < 1:
         raise ValueError(f"--gpus {args.gpus}: give at least 1 GPU")
     return PlanOptions(seq_len=pick(args.seq_len, seq_len), gpus=args.gpus, sp=pick(args.sp, sp),
+                       ring=pick(getattr(args, "ring", None), ring if args.sp is None else 1),
                        checkpoint=pick(args.checkpoint, ckpt), precision=pick(args.precision, precision),
                        optimizer=args.optimizer, micro_num=pick(args.micro_num, micro), chunked_loss=args.chunked_loss,
                        loss_chunk=args.loss_chunk, tiled_mlp=args.tiled_mlp, mlp_tile=args.mlp_tile,
@@ -86,9 +91,12 @@ def run(args) -> int:
         shape, cfg = load_shape(args.source, args.vocab_size)
         opts = options_from(args, cfg)
         if args.max:
-            sps = [args.sp] if args.sp is not None else sp_candidates(shape, args.gpus)
-            fits = {sp: longest_fit(shape, replace(opts, sp=sp), gpu_bytes) for sp in sps}
-            out = dict(gpu_bytes=gpu_bytes, longest={sp: (p.to_dict() if p else None) for sp, p in fits.items()})
+            splits = split_candidates(shape, args.gpus, args.sp)
+            if args.ring is not None:
+                splits = [(s, c) for s, c in splits if c == args.ring]
+            fits = {(sp, c): longest_fit(shape, replace(opts, sp=sp, ring=c), gpu_bytes) for sp, c in splits}
+            out = dict(gpu_bytes=gpu_bytes, longest={(sp if c == 1 else f"{sp}:ring{c}"): (p.to_dict() if p else None)
+                                                     for (sp, c), p in fits.items()})
         else:
             plan = plan_memory(shape, opts)
             out = dict(gpu_bytes=gpu_bytes, fits=plan.reserved <= gpu_bytes, plan=plan.to_dict())
@@ -118,7 +126,8 @@ def describe_model(shape) -> str:
 def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, with_sp: bool = True) -> str:
     parts = [f"{opts.gpus} GPU(s) x {gpu_bytes / GiB:.1f} GiB"]
     if with_sp:
-        parts.append(f"sp={opts.sp} dp={opts.gpus // opts.sp}")
+        parts.append(f"sp={opts.sp} dp={opts.gpus // opts.sp}"
+                     + (f" (ring {opts.ring} x ulysses {opts.ulysses})" if opts.ring > 1 else ""))
     if with_seq:
         parts.append(f"T={opts.seq_len}")
     parts += [f"checkpoint {opts.checkpoint:.0%} of layers", opts.precision,
@@ -146,13 +155,14 @@ def breakdown_table(plan, gpu_bytes: int) -> str:
 
 
 def max_table(fits: dict, gpu_bytes: int) -> str:
-    lines = ["\nlongest packed row that fits (bisection over multiples of 1024 x sp):",
-             "| sp | dp | longest T | tokens/rank | needed GiB/GPU | peak at | TFLOP/rank (model) |",
-             "|---:|---:|---:|---:|---:|---|---:|"]
-    for sp, plan in fits.items():
+    lines = ["\nlongest packed row that fits (bisection over multiples of 1024 x sp, x 16 with a ring):",
+             "| sp | ulysses x ring | dp | longest T | tokens/rank | needed GiB/GPU | peak at | TFLOP/rank (model) |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for (sp, ring), plan in fits.items():
         if plan is None:
-            lines.append(f"| {sp} | - | nothing fits | | | | |")
+            lines.append(f"| {sp} | {sp // ring} x {ring} | - | nothing fits | | | | |")
             continue
-        lines.append(f"| {sp} | {plan.options.gpus // sp} | {plan.options.seq_len:,} | {plan.local_tokens:,} | "
+        lines.append(f"| {sp} | {sp // ring} x {ring} | {plan.options.gpus // sp} | {plan.options.seq_len:,} | "
+                     f"{plan.local_tokens:,} | "
                      f"{plan.reserved / GiB:.1f} | {plan.peak_phase} | {plan.model_flops / 1e12:.0f} |")
     return "\n".join(lines)
