@@ -22,7 +22,7 @@ from seqpack.attention import backends
 from seqpack.attention.kernels import AttnSpec, varlen_attention
 from seqpack.attention.ring import ring_attention
 from seqpack.attention.ring_blocks import block_segments
-from seqpack.loss import token_loss_sum
+from seqpack.ops.loss import token_loss_sum
 from seqpack.models import register_models
 from seqpack.parallel import ParallelDims, StepLoss, all_reduce_gradients, apply_fsdp, shard_batch
 from seqpack.parallel.ring_split import CHUNKS_PER_RANK, ring_chunks, split_positions

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from seqpack.attention.ring_blocks import Segment, block_segments, merge_into, segment_backward, segment_forward, tiles
+from seqpack.attention.ring_blocks import (Segment, block_segments, merge_into, segment_backward, segment_forward,
+                                           tiles)
 from seqpack.bench.packing import doc_lengths
 from seqpack.parallel import ParallelDims
 from seqpack.parallel.ring_split import CHUNKS_PER_RANK, attention_work, imbalance, ring_chunks, split_positions
