@@ -175,8 +175,8 @@ def _skips_and_errors():
     bad["position_ids"] = bad["position_ids"] + 1
     with pytest.raises(ValueError, match="position_ids inconsistent with cu_seqlens"):
         llama.eval()(**bad)
-    with pytest.raises(ValueError, match=r"ring degree ring=3 must divide the sequence parallel degree sp=4 \(sp = ring x ulysses\); use ring "
-                                         r"in \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"ring degree ring=3 must divide the sequence parallel degree sp=4 "
+                                         r"\(sp = ring x ulysses\); use ring in \[1, 2, 4\]"):
         ParallelDims(sp=4, ring=3)
 
 

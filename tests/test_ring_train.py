@@ -1,6 +1,6 @@
-"""`seqpack train --nproc 4` of an InternEvo config with ``parallel.sequence_2D`` enabled (2 Ulysses × 2 ring, packed
-rows split in balanced chunks) trains, and its per-step losses and gradient norms equal the Ulysses-only run (tensor.size=4) of
-the same data. Tolerances as in test_train_distributed.py (float32 round-off of sums taken in another order)."""
+"""`seqpack train --nproc 4` of an InternEvo config with ``parallel.sequence_2D`` enabled (2 Ulysses × 2 ring,
+packed rows split in balanced chunks) trains, and its per-step losses and gradient norms equal the Ulysses-only run
+(tensor.size=4) of the same data. Tolerances as in test_train_distributed.py (float32 round-off of sums taken in another order)."""
 
 import pytest
 

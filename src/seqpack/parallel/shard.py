@@ -115,8 +115,9 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
         raise ValueError(f"invalid sequence parallel position sp_rank={sp_rank} of sp_size={sp_size}; "
                          "need sp_size >= 1 and 0 <= sp_rank < sp_size")
     if ring_size < 1 or sp_size % ring_size:
+        ok = [d for d in range(1, sp_size + 1) if sp_size % d == 0]
         raise ValueError(f"ring_size={ring_size} must be a positive divisor of sp_size={sp_size} "
-                         f"(sp = ring x ulysses); use ring_size in {[d for d in range(1, sp_size + 1) if sp_size % d == 0]}")
+                         f"(sp = ring x ulysses); use ring_size in {ok}")
     if batch.num_tokens < sp_size:
         raise ValueError(f"sequence parallel degree sp={sp_size} is larger than the packed row ({batch.num_tokens} "
                          f"tokens); pack longer rows (seq_len x micro_bsz >= sp) or use sp <= {batch.num_tokens}")
