@@ -18,28 +18,36 @@ import torch
 CALLS: list[dict] = []
 
 
-def _attend(q, k, v, cu, scale, left, right, softcap=0.0, alibi_slopes=None):
-    """Per-document attention with a (left, right) window. q [T, N, D], k/v [T, Nkv, D], Nkv | N -> [T, N, D]."""
+def _attend(q, k, v, cu_q, scale, left, right, softcap=0.0, alibi_slopes=None, cu_k=None, lse=False):
+    """Per-document attention with a (left, right) window around query i + Lk - Lq (FlashAttention's bottom-right
+    alignment when a document has different query and key lengths). q [Tq, N, D], k/v [Tk, Nkv, D], Nkv | N ->
+    [Tq, N, D], and with ``lse`` also the log-sum-exp [N, Tq] float32 (the layout FlashAttention's varlen kernels
+    return; a row that sees no key gets +inf and output 0, as theirs do)."""
     if q.shape[1] % k.shape[1]:
         raise RuntimeError("Number of heads in key/value must divide number of heads in query")
     rep = q.shape[1] // k.shape[1]
+    cu_k = cu_q if cu_k is None else cu_k
     out = torch.empty_like(q)
-    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
-        qd = q[a:b].float().transpose(0, 1)  # [N, L, D]
-        kd, vd = (x[a:b].float().repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))
-        s = qd @ kd.transpose(-1, -2) * scale  # [N, L, L]
+    lses = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    for a, b, ka, kb in zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:]):
+        qd = q[a:b].float().transpose(0, 1)  # [N, Lq, D]
+        kd, vd = (x[ka:kb].float().repeat_interleave(rep, 1).transpose(0, 1) for x in (k, v))  # [N, Lk, D]
+        s = qd @ kd.transpose(-1, -2) * scale  # [N, Lq, Lk]
         if softcap:
             s = softcap * torch.tanh(s / softcap)
-        i, j = torch.arange(b - a)[:, None], torch.arange(b - a)[None, :]
+        i, j = torch.arange(b - a)[:, None] + (kb - ka) - (b - a), torch.arange(kb - ka)[None, :]
         if alibi_slopes is not None:  # flash-attn: -slope * |i - j|
             s = s - alibi_slopes.float()[:, None, None] * (i - j).abs()
-        visible = torch.ones(b - a, b - a, dtype=torch.bool)
+        visible = torch.ones(b - a, kb - ka, dtype=torch.bool)
         if left >= 0:
             visible &= j >= i - left
         if right >= 0:
             visible &= j <= i + right
-        out[a:b] = (s.masked_fill(~visible, -math.inf).softmax(-1) @ vd).transpose(0, 1).to(q.dtype)
-    return out
+        s = s.masked_fill(~visible, -math.inf)
+        row_lse = torch.logsumexp(s, -1)  # [N, Lq]
+        out[a:b] = (torch.exp(s - row_lse[..., None]).nan_to_num(0.0) @ vd).transpose(0, 1).to(q.dtype)
+        lses[:, a:b] = torch.where(row_lse == -math.inf, math.inf, row_lse)
+    return (out, lses) if lse else out
 
 
 def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
@@ -48,7 +56,8 @@ def varlen_attn_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_cau
     CALLS.append(dict(fn="2.10", q=query, k=key, v=value, is_causal=is_causal))
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("varlen_attn 2.10 stand-in: query and key/value must have the same number of heads")
-    return _attend(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, -1, 0 if is_causal else -1)
+    return _attend(query, key, value, cu_seq_q, query.shape[-1] ** -0.5, -1, 0 if is_causal else -1, cu_k=cu_seq_k,
+                   lse=return_aux is not None and return_aux.lse)
 
 
 def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
@@ -58,7 +67,8 @@ def varlen_attn_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
     if key.shape[1] != query.shape[1]:
         raise RuntimeError("varlen_attn 2.11 stand-in: query and key/value must have the same number of heads")
     left, right = window_size
-    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right)
+    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right, cu_k=cu_seq_k,
+                   lse=return_aux is not None and return_aux.lse)
 
 
 def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
@@ -70,7 +80,8 @@ def varlen_attn_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, ret
         raise ValueError(f"Expect query and key/value to have the same number of heads but got Hq={query.shape[1]} "
                          f"and Hkv={key.shape[1]}. Try setting enable_gqa=True for GQA.")
     left, right = window_size
-    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right)
+    return _attend(query, key, value, cu_seq_q, scale or query.shape[-1] ** -0.5, left, right, cu_k=cu_seq_k,
+                   lse=return_aux is not None and return_aux.lse)
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -84,7 +95,9 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     left, right = window_size
     if causal:
         right = 0
-    return _attend(q, k, v, cu_seqlens_q, softmax_scale or q.shape[-1] ** -0.5, left, right, softcap, alibi_slopes)
+    out = _attend(q, k, v, cu_seqlens_q, softmax_scale or q.shape[-1] ** -0.5, left, right, softcap, alibi_slopes,
+                  cu_k=cu_seqlens_k, lse=return_attn_probs)
+    return (*out, None) if return_attn_probs else out  # (out, softmax_lse [N, T] float32, S_dmask)
 
 
 def install(monkeypatch, flash=None, torch_varlen=None) -> None:

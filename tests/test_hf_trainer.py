@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainingArgu
 
 import seqpack
 from seqpack.hf import DataCollatorForPacking, SequenceParallelTrainer, packed_batch_from_inputs
+from seqpack.parallel.ring_split import CHUNKS_PER_RANK
 
 from conftest import tiny_config
 
@@ -225,12 +226,12 @@ def test_models_whose_attention_seqpack_cannot_take_are_refused(tmp_path):
 # several processes: sequence parallel Trainer == one process
 
 
-def _sp_trainer_case(out, dp: int, sp: int):
+def _sp_trainer_case(out, dp: int, sp: int, ring: int = 1):
     args = TrainingArguments(**_args(out / "run", per_device_train_batch_size=2, per_device_eval_batch_size=2))
     trainer = SequenceParallelTrainer(model=_model(), args=args, train_dataset=_examples(24, seed=7),
                                       eval_dataset=_examples(8, seed=8), data_collator=DataCollatorForPacking(),
-                                      sp_size=sp)
-    assert (trainer.topology.dp_size, trainer.topology.sp_size) == (dp, sp)
+                                      sp_size=sp, ring_size=ring)
+    assert (trainer.topology.dp_size, trainer.topology.sp_size, trainer.topology.ring_size) == (dp, sp, ring)
     sampler = trainer._dp_sampler(range(11), shuffle=True, seed=3)  # train_sampling_strategy="random"
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, list(sampler))
@@ -239,7 +240,9 @@ def _sp_trainer_case(out, dp: int, sp: int):
     if dp == 2:
         assert not set(everyone[0]) & set(everyone[2]) - {everyone[0][0]}  # DP groups: disjoint (one repeat pads)
     row = DataCollatorForPacking()(_examples(24, seed=7)[:2])
-    assert trainer.shard_inputs(row)["input_ids"].shape[1] == -(-row["input_ids"].shape[1] // sp)  # [1, T/S]
+    multiple = sp if ring == 1 else CHUNKS_PER_RANK * sp  # the ring split cuts chunks
+    padded = -(-row["input_ids"].shape[1] // multiple) * multiple
+    assert trainer.shard_inputs(row)["input_ids"].shape[1] == padded // sp  # [1, T/S]
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(str(out / "saved"))
@@ -279,6 +282,7 @@ def _worker(rank, world, port, out, tokenizer_dir):
                                         train_dataset=_examples(4, 0), sp_size=3)
         else:
             _sp_trainer_case(out / "trainer", dp=2, sp=2)
+            _sp_trainer_case(out / "ring", dp=2, sp=2, ring=2)  # ring attention over the SP pairs
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -302,11 +306,12 @@ def test_sequence_parallel_trainer_equals_one_process(tmp_path, world, tokenizer
     ref = Trainer(model=_model(), args=args, train_dataset=_examples(24, seed=7), eval_dataset=_examples(8, seed=8),
                   data_collator=DataCollatorForPacking())
     ref.train()
-    got = json.loads((tmp_path / "trainer" / "result.json").read_text())
     want = _losses(ref)
-    assert len(got["losses"]) == 3
-    for g, w in zip(got["losses"], want):
-        assert abs(g - w) <= LOSS_RTOL * w, (got["losses"], want)
+    for case in ("trainer",) + (("ring",) if world == 4 else ()):
+        got = json.loads((tmp_path / case / "result.json").read_text())
+        assert len(got["losses"]) == 3
+        for g, w in zip(got["losses"], want):
+            assert abs(g - w) <= LOSS_RTOL * w, (case, got["losses"], want)
     if dp == 1:  # the same eval batches (with dp=2 they are grouped differently, so the batch means differ)
         want_eval = ref.evaluate()["eval_loss"]
         assert abs(got["eval_loss"] - want_eval) <= LOSS_RTOL * want_eval, (got["eval_loss"], want_eval)

@@ -165,9 +165,18 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
     assert "allocated peak" in out and "needed per GPU" in out and "fits" in out
     assert main(["plan", str(tmp_path), "--gpus", "8", "--gpu-mem", "80GB", "--max", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert sorted(result["longest"], key=int) == ["1", "2", "4", "8"]
+    assert sorted(result["longest"]) == ["1", "2", "2:ring2", "4", "4:ring2", "4:ring4", "8", "8:ring2", "8:ring4",
+                                         "8:ring8"]  # every (sp, ring) split with sp / ring dividing the 32 heads
     lengths = [result["longest"][s]["options"]["seq_len"] for s in ("1", "2", "4", "8")]
     assert lengths == sorted(lengths) and all(r["reserved"] <= 80e9 for r in result["longest"].values())
+    assert result["longest"]["8:ring2"]["options"]["ring"] == 2
+    assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "2", "--seq_len", "131072",
+                 "--tiled-mlp", "--chunked-loss"]) == 0
+    assert "sp=8 dp=1 (ring 2 x ulysses 4)" in capsys.readouterr().out
+    shape = shape_from_hf_config(AutoConfig.from_pretrained(tmp_path))
+    assert plan_memory(shape, PlanOptions(1000, gpus=8, sp=8, ring=2)).local_tokens == 1024 // 8  # 16 chunks/rank
+    assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "3"]) == 2
+    assert "ring=3 does not divide sp=8" in capsys.readouterr().err
     assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "3"]) == 2
     assert "sp=3 does not divide the 8 GPUs" in capsys.readouterr().err
     assert main(["plan", str(tmp_path), "--gpu-mem", "lots"]) == 2

@@ -53,7 +53,7 @@ def test_wrong_types_are_named(tmp_path, text, message):
     ("parallel = dict(tensor=dict(size=2, mode='mtp'))", "parallel.tensor.mode='mtp'"),
     ("parallel = dict(tensor=dict(size=4, mode='msp'))", "parallel.tensor.mode='msp'"),
     ("parallel = dict(tensor=dict(size=1, mode='ring'))", "parallel.tensor.mode='ring'"),
-    ("parallel = dict(sequence_2D=dict(enable=True))", "parallel.sequence_2D.enable=True"),
+    ("parallel = dict(sequence_2D=dict(enable=True, head_size=2))", "parallel.sequence_2D='head_size=2, "),
     ("model = dict(num_chunks=2)", "model.num_chunks=2"),
     ("adam = dict(adam_beta2_c=0.1)", "adam.adam_beta2_c=0.1"),
     ("loss = dict(label_smoothing=0.1)", "loss.label_smoothing=0.1"),

@@ -112,6 +112,61 @@ class KernelAdapter:
                 kwargs["alibi_slopes"] = spec.alibi_slopes.to(q.device, torch.float32)
         return self.fn(q, k, v, cu, cu, max_seqlen, max_seqlen, **kwargs)
 
+    def with_lse(self, q, k, v, cu_q: torch.Tensor, cu_k: torch.Tensor, max_q: int, max_k: int, spec: AttnSpec,
+                 causal: bool, window: tuple[int, int] = (-1, -1)):
+        """One block of ring attention: q [Tq, N, D], k/v [Tk, Nkv, D] (half dtype) -> (out [Tq, N, D],
+        lse [Tq, N] float32). ``causal`` (bottom-right aligned, as FlashAttention) with ``spec``'s sliding window,
+        or not causal with an explicit ``window`` = (left, right) key range around query i + Tk - Tq."""
+        N, Nkv, D = q.shape[1], k.shape[1], q.shape[2]
+        kwargs = {}
+        if causal:
+            window = (spec.sliding_window - 1 if spec.sliding_window is not None else -1, 0)
+        if self.window:
+            kwargs["window_size"] = tuple(window)
+        elif window[0] != -1 or (window[1] != -1 and not causal):
+            raise ValueError(f"{self.fn.__module__}.{self.fn.__name__} has no window_size parameter, so it cannot "
+                             "run a windowed ring attention block")
+        if self.name == "flash_attn" or not self.window:
+            kwargs["causal" if self.name == "flash_attn" else "is_causal"] = causal
+        scale_arg = self.scale_arg()
+        if scale_arg is not None:
+            kwargs[scale_arg] = spec.scale
+        elif (factor := _prescale_factor(spec.scale, D)) != 1.0:
+            q = q * factor
+        if N != Nkv and self.gqa == "flag":
+            kwargs["enable_gqa"] = True
+        elif N != Nkv and self.gqa == "repeat":
+            k, v = (x.repeat_interleave(N // Nkv, dim=1) for x in (k, v))  # [Tk, Nkv, D] -> [Tk, N, D]
+        if self.name == "flash_attn":
+            if spec.softcap is not None:
+                kwargs["softcap"] = spec.softcap
+            out, lse, _ = self.fn(q, k, v, cu_q, cu_k, max_q, max_k, return_attn_probs=True, **kwargs)
+        else:
+            out, lse = self.fn(q, k, v, cu_q, cu_k, max_q, max_k, return_aux=_aux_request_lse(), **kwargs)
+        return out, lse_rows(lse, q.shape[0], N)
+
+
+def _aux_request_lse():
+    """torch's ``AuxRequest(lse=True)`` (``return_aux`` of ``varlen_attn``)."""
+    try:
+        from torch.nn.attention.varlen import AuxRequest
+    except ImportError:  # a torch without the varlen module (stand-in kernels in tests)
+        from collections import namedtuple
+
+        AuxRequest = namedtuple("AuxRequest", ["lse"])
+    return AuxRequest(lse=True)
+
+
+def lse_rows(lse: torch.Tensor, T: int, N: int) -> torch.Tensor:
+    """A kernel's log-sum-exp as [T, N] float32: FlashAttention's varlen kernels return it as [N, T]."""
+    if lse.dim() == 3 and lse.shape[0] == 1:  # a batch dimension of one
+        lse = lse[0]
+    if lse.shape == (N, T):
+        return lse.float().transpose(0, 1)
+    if lse.shape == (T, N):
+        return lse.float()
+    raise ValueError(f"kernel returned a log-sum-exp of shape {tuple(lse.shape)}, expected ({N}, {T})")
+
 
 def _prescale_factor(scale: float, head_dim: int) -> float | None:
     """c with scale = c / sqrt(D) when c is a power of two (multiplying q by it is exact), else None."""

@@ -13,6 +13,7 @@ global and :func:`seqpack.parallel.heads.ulysses_attention` runs the same kernel
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass, field, replace
 
@@ -23,10 +24,12 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..batch import check_cu_seqlens, positions_from_cu_seqlens
 from ..parallel.comm import group_rank, group_size
 from ..parallel.heads import check_model_heads, plan_heads, ulysses_attention
+from ..parallel.ring_split import split_positions
 from .backends import compute_dtype, resolve_backend
 from .kernels import BACKENDS, AttnSpec, masked_attention, varlen_attention
 from .multimodal import (attn_implementation_for, attn_implementations, bidirectional_attention, is_multimodal,
                          prepare_multimodal)
+from .ring import check_ring_spec, ring_attention
 
 NAME = "seqpack"
 
@@ -36,7 +39,8 @@ class AttentionOptions:
     """Per-model settings, attached to every submodule by :func:`dispatch` (read by the attention function)."""
 
     backend: str = "auto"
-    sp_group: object | None = field(default=None, repr=False)  # sequence-parallel process group (parallel/)
+    sp_group: object | None = field(default=None, repr=False)  # Ulysses (head) process group (parallel/)
+    ring_group: object | None = field(default=None, repr=False)  # ring (context) process group of 2D SP
     used: set = field(default_factory=set, repr=False)  # backends packed calls actually ran on ("torch_varlen", ...)
 
 
@@ -72,16 +76,21 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
         raise ValueError(f"packed metadata (cu_seq_lens_q) given with batch dimension {B}; a packed batch has "
                          "one row of shape [1, T] (concatenate the rows)")
     sp_size, sp_rank = group_size(opts.sp_group), group_rank(opts.sp_group)
-    if sp_size > 1 and cu_tensor is None:
+    ring, ring_rank = group_size(opts.ring_group), group_rank(opts.ring_group)
+    if sp_size * ring > 1 and cu_tensor is None:
         raise ValueError("sequence parallel needs the global cu_seq_lens_q/k of the packed row; pass "
                          "seqpack.parallel.shard_batch(batch, sp_size, sp_rank).model_inputs() to the model")
-    cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"), T * sp_size,
-                                start=sp_rank * T)
+    cu, max_seqlen = _documents(cu_tensor, kwargs.get("max_length_q"), kwargs.get("position_ids"),
+                                T * sp_size * ring, start=sp_rank * T, ring=(ring, sp_size, ring_rank, sp_rank))
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [1, H, T, D] -> [T, H, D]
     backend = resolve_backend(opts.backend, q.device, spec, compute_dtype(q), q.shape[-1])  # errors before any work
     if opts is not DEFAULT_OPTIONS:
         opts.used.add(backend)
-    if sp_size > 1:  # T is this rank's shard: [T, N, D] -> all-to-all -> [T*S, N/S, D] -> kernel -> back
+    if ring > 1:  # 2D: [T, N, D] -> Ulysses all-to-all -> [T*U, N/U, D] (this ring rank's chunks) -> ring -> back
+        check_ring_spec(spec)
+        attn = functools.partial(ring_attention, cu=cu, spec=spec, group=opts.ring_group, backend=backend)
+        out = ulysses_attention(q, k, v, opts.sp_group, attn) if sp_size > 1 else attn(q, k, v)
+    elif sp_size > 1:  # T is this rank's shard: [T, N, D] -> all-to-all -> [T*S, N/S, D] -> kernel -> back
         local = spec if alibi_slopes is None else replace(
             spec, alibi_slopes=_rank_alibi_slopes(alibi_slopes, k.shape[1], sp_size, sp_rank))
         out = ulysses_attention(q, k, v, opts.sp_group, lambda q, k, v: varlen_attention(
@@ -116,9 +125,10 @@ def seqpack_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, atten
 _validated: tuple = (None, None)  # one-slot memo: (weakref to the cu_seqlens tensor, its host list)
 
 
-def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0) -> tuple[list[int], int]:
+def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0, ring=None) -> tuple[list[int], int]:
     """Host list of document boundaries, validated once per forward (all layers share the same tensor).
-    ``T`` is the whole row; with sequence parallel ``position_ids`` is the local shard starting at token ``start``."""
+    ``T`` is the whole row; with sequence parallel ``position_ids`` is the local shard starting at token ``start``,
+    or with ``ring`` = (C, U, ring_rank, ulysses_rank), C > 1, the chunks of the ring split."""
     global _validated
     if cu_tensor is not None:
         ref, cached = _validated
@@ -127,6 +137,8 @@ def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0) -> t
         else:
             cu = check_cu_seqlens(cu_tensor, T)
             if position_ids is not None:
+                if ring is not None and ring[0] > 1:
+                    start = split_positions(cu, *ring)  # the global positions of this rank's tokens
                 _check_positions(position_ids, cu, start)
             _validated = (weakref.ref(cu_tensor), cu)
     elif position_ids is not None:  # like transformers' flash path: a document starts where position_ids == 0
@@ -140,14 +152,17 @@ def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0) -> t
     return cu, longest
 
 
-def _check_positions(position_ids: torch.Tensor, cu: list[int], start: int = 0) -> None:
+def _check_positions(position_ids: torch.Tensor, cu: list[int], start=0) -> None:
     pos = position_ids.reshape(-1)
-    expected = positions_from_cu_seqlens(cu, device=pos.device)[start:start + pos.numel()]
-    if pos.shape != expected.shape or not torch.equal(pos, expected):
-        if pos.shape != expected.shape:
-            raise ValueError(f"position_ids has {pos.numel()} entries but cu_seqlens describes {cu[-1]} tokens")
+    row = positions_from_cu_seqlens(cu, device=pos.device)
+    index = start.to(pos.device) if isinstance(start, torch.Tensor) else torch.arange(start, start + pos.numel(),
+                                                                                       device=pos.device)
+    if pos.shape != index.shape or int(index[-1]) >= row.numel():
+        raise ValueError(f"position_ids has {pos.numel()} entries but cu_seqlens describes {cu[-1]} tokens")
+    expected = row[index]
+    if not torch.equal(pos, expected):
         bad = int((pos != expected).nonzero()[0])
-        raise ValueError(f"position_ids inconsistent with cu_seqlens at token {start + bad}: got {int(pos[bad])}, "
+        raise ValueError(f"position_ids inconsistent with cu_seqlens at token {int(index[bad])}: got {int(pos[bad])}, "
                          f"expected {int(expected[bad])} (positions restart at 0 at every cu_seqlens boundary)")
 
 
@@ -157,13 +172,15 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, seqpack_mask)
 
 
-def dispatch(model, backend: str = "auto", sp_group=None):
+def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
     A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
     implementation (:mod:`seqpack.attention.multimodal`).
     Mamba / Mamba-2 have no attention: their mixers are adapted instead (:func:`seqpack.ssm.adapt_ssm`).
     Before it returns, the packing probe (:mod:`seqpack.attention.probe`) checks on two tiny packed documents that
     they stay apart; ValueError naming the model otherwise (its attention is restored).
+    2D sequence parallel: ``sp_group`` is the Ulysses (head) group and ``ring_group`` the ring (context) group,
+    as ``ParallelDims`` gives them (``topo.ulysses_group``, ``topo.ring_group``).
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
@@ -172,12 +189,17 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     from ..ssm import adapt_ssm, is_ssm
     from .probe import check_packing
 
+    ring = group_size(ring_group) > 1
     if is_ssm(model):  # Mamba / Mamba-2: no attention; the mixers restart at every document instead
+        if ring:
+            raise ValueError("ring attention (ring_group) does not apply to Mamba models: they have no attention")
         adapt_ssm(model, sp_group=sp_group)
         check_packing(model, NAME)
         return model
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
+    if is_multimodal(model) and ring:
+        raise ValueError("ring attention (ring_group) is not available for multimodal models yet; use Ulysses only")
     if group_size(sp_group) > 1:  # fail before training when the heads cannot be split over sp_group
         check_model_heads(model.config, group_size(sp_group))
     previous = attn_implementations(model.config)
@@ -188,7 +210,8 @@ def dispatch(model, backend: str = "auto", sp_group=None):
     except ValueError:
         model.set_attn_implementation(previous)
         raise
-    _install(model, AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None))
+    _install(model, AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None,
+                                     ring_group=ring_group if ring else None))
     return model
 
 

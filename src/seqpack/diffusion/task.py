@@ -70,6 +70,9 @@ def build_flux(cfg, in_channels: int, text_dim: int, pooled_dim: int, topo):
             num_attention_heads=m.num_attention_heads, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
             guidance_embeds=False, axes_dims_rope=rope_axes(head_dim))
     model = model.float().to(topo.device).train()
+    if getattr(topo, "ring_size", 1) > 1:
+        raise ValueError("parallel.sequence_2D.enable=True is not available for diffusion transformers (their joint "
+                         "attention is bidirectional); use parallel.tensor=dict(size=S, mode='isp')")
     if topo.sp_size > 1:
         from ..parallel.heads import plan_heads
 

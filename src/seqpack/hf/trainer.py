@@ -43,12 +43,14 @@ from .collator import LOSS_MASK_KEYS, packed_batch_from_inputs
 
 
 class SequenceParallelMixin:
-    """Adds ``sp_size`` / ``attn_backend`` keyword arguments to a ``transformers.Trainer`` subclass (see the module
-    docstring). ``self.topology`` is the :class:`~seqpack.parallel.ParallelDims` of the run."""
+    """Adds ``sp_size`` / ``ring_size`` / ``attn_backend`` keyword arguments to a ``transformers.Trainer`` subclass
+    (see the module docstring). ``ring_size=C`` > 1: 2D sequence parallel, ``sp_size`` = C ring ranks x
+    ``sp_size / C`` Ulysses ranks (packed ring attention; the SP degree may then exceed the head count).
+    ``self.topology`` is the :class:`~seqpack.parallel.ParallelDims` of the run."""
 
-    def __init__(self, *args, sp_size: int = 1, attn_backend: str = "auto", **kwargs):
+    def __init__(self, *args, sp_size: int = 1, ring_size: int = 1, attn_backend: str = "auto", **kwargs):
         super().__init__(*args, **kwargs)  # TrainingArguments has created the process group by now (torchrun)
-        self.topology = init_topology(sp=sp_size)  # ValueError when sp does not divide the world size
+        self.topology = init_topology(sp=sp_size, ring=ring_size)  # ValueError for degrees that do not fit
         self.attn_backend = attn_backend
         self._check_supported()
         self._dispatch(self.model)
@@ -58,7 +60,7 @@ class SequenceParallelMixin:
             self.gather_function = self.accelerator.gather
 
     def _dispatch(self, model):
-        return check_attention_is_used(model, backend=self.attn_backend, sp_group=self.topology.sp_group)
+        return check_attention_is_used(model, backend=self.attn_backend, **self.topology.attention_groups())
 
     def call_model_init(self, trial=None):
         """``model_init`` models (re-created by ``train()``) get the same attention and SP group."""
@@ -145,7 +147,8 @@ class SequenceParallelMixin:
         """A collated batch -> this rank's ``[1, T/S]`` slice of its packed row, as model keyword arguments."""
         packed = packed_batch_from_inputs(inputs)
         pad_id = getattr(getattr(self.model, "config", None), "pad_token_id", None) or 0
-        shard = shard_batch(packed, self.topology.sp_size, self.topology.sp_rank, pad_token_id=pad_id)
+        shard = shard_batch(packed, self.topology.sp_size, self.topology.sp_rank, pad_token_id=pad_id,
+                            ring_size=self.topology.ring_size)
         return shard.model_inputs(with_labels=True)
 
     # ---- evaluation: exact token-mean loss of each eval batch ----
@@ -166,7 +169,7 @@ class SequenceParallelMixin:
         return torch.tensor(total / max(count, 1.0), device=logits.device), None, None
 
 
-def check_attention_is_used(model, backend: str = "auto", sp_group=None):
+def check_attention_is_used(model, backend: str = "auto", sp_group=None, ring_group=None):
     """Refuse models whose attention does not go through transformers' ``AttentionInterface``, then
     :func:`seqpack.dispatch` the model, whose packing probe checks that two tiny packed documents stay apart
     (ValueError otherwise); returns the model."""
@@ -175,7 +178,7 @@ def check_attention_is_used(model, backend: str = "auto", sp_group=None):
         raise ValueError(f"{name} does not support custom attention implementations (its attention, if any, does not "
                          "go through transformers' AttentionInterface), so seqpack cannot keep packed documents "
                          "apart; use a model family listed in the support matrix (docs/reference/models.md)")
-    return dispatch(model, backend=backend, sp_group=sp_group)
+    return dispatch(model, backend=backend, sp_group=sp_group, ring_group=ring_group)
 
 
 class SequenceParallelTrainer(SequenceParallelMixin, Trainer):

@@ -8,9 +8,13 @@
         step(model(**s.model_inputs()).logits, s).backward()
     optimizer.step(); print(step.value())                           # same loss on every rank
 
-Files: topology.py (ParallelDims, DeviceMesh), comm.py (differentiable all-to-all / gather), heads.py (Ulysses
-attention and head layouts), shard.py (pad + split of a packed row), loss.py (global token mean), fsdp.py
-(FSDP2). XTuner's API names: :mod:`seqpack.compat.xtuner`.
+2D (Ulysses x packed ring attention): ``init_topology(sp=8, ring=2)``, ``seqpack.dispatch(model,
+**topo.attention_groups())``, ``shard_batch(b, topo.sp_size, topo.sp_rank, ring_size=topo.ring_size)``.
+
+Files: topology.py (ParallelDims, DeviceMesh), comm.py (differentiable all-to-all / gather, the ring send),
+heads.py (Ulysses attention and head layouts), shard.py (pad + split of a packed row), ring_split.py (which chunks
+each ring rank holds), loss.py (global token mean), fsdp.py (FSDP2). Ring attention itself:
+:mod:`seqpack.attention.ring`. XTuner's API names: :mod:`seqpack.compat.xtuner`.
 """
 
 from .comm import gather_sequence, heads_to_seq, seq_to_heads

@@ -104,3 +104,30 @@ def gather_sequence(x: torch.Tensor, group, dim: int = 1) -> torch.Tensor:
     if group_size(group) == 1:
         return x
     return _GatherSequence.apply(x, group, dim)
+
+
+class RingPass:
+    """Send tensors to the next rank of ``group`` and receive the previous rank's, without blocking (ring
+    attention's key/value rotation). ``RingPass(group).start(tensors)`` then ``.wait()`` -> the received tensors
+    (same shapes and dtypes). No autograd: ring attention's own backward rotates the gradients."""
+
+    def __init__(self, group):
+        self.group = group
+        size, rank = group_size(group), group_rank(group)
+        self.next = dist.get_global_rank(group, (rank + 1) % size)
+        self.prev = dist.get_global_rank(group, (rank - 1) % size)
+        self._pending: list = []
+
+    def start(self, tensors: list[torch.Tensor]) -> "RingPass":
+        self._recv = [torch.empty_like(t) for t in tensors]
+        self._pending = []
+        for t, r in zip(tensors, self._recv):
+            self._pending.append(dist.isend(t.contiguous(), self.next, group=self.group))
+            self._pending.append(dist.irecv(r, self.prev, group=self.group))
+        return self
+
+    def wait(self) -> list[torch.Tensor]:
+        for req in self._pending:
+            req.wait()
+        self._pending = []
+        return self._recv

@@ -16,7 +16,9 @@ Head layouts (``plan_heads``):
   layout) and q, k, v get ``ceil(N/S)*S - N`` dummy heads of zeros appended. Heads never mix in attention, so a
   dummy head cannot change a real one; its output (zero) is dropped after the second all-to-all and it
   receives no gradient. Exact, at the cost of ``ceil(N/S)*S / N`` attention work.
-- ``S > N`` is refused (some rank would hold only dummy heads): the error names the degrees that work.
+- ``S > N`` is refused (some rank would hold only dummy heads): the error names the degrees that work. Past the
+  head count, 2D sequence parallel splits S = U Ulysses × C ring ranks (``init_topology(sp=S, ring=C)``): the
+  head plan is then made for U.
 - ``N % Nkv != 0`` is not a valid GQA layout and is refused.
 """
 
@@ -63,7 +65,9 @@ def plan_heads(num_heads: int, num_kv_heads: int, sp: int) -> HeadPlan:
     if sp > num_heads:
         exact = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(f"sequence parallel degree sp={sp} exceeds the model's {num_heads} attention heads, so some "
-                         f"rank would hold no real head; use sp <= {num_heads} (without dummy heads: sp in {exact})")
+                         f"rank would hold no real head; use sp <= {num_heads} (without dummy heads: sp in {exact}), "
+                         f"or 2D sequence parallel with a Ulysses degree <= {num_heads} times a ring degree "
+                         f"(init_topology(sp=S, ring=C), sequence_2D.context_size)")
     if num_heads % sp == 0:
         return HeadPlan(num_heads, num_kv_heads, sp, kv_repeat=sp // math.gcd(num_kv_heads, sp), pad_heads=0)
     padded = -(-num_heads // sp) * sp

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..batch import IGNORE_INDEX, PackedBatch, positions_from_cu_seqlens
+from .ring_split import SplitPlan
 
 
 @dataclass
@@ -33,7 +34,9 @@ class ShardedBatch:
     position_ids  [1, T/S] int64  the slice of the row's positions
     cu_seqlens    [n+1]    int32  GLOBAL document boundaries 0 .. T (including a dummy pad segment)
     max_seqlen    int             GLOBAL longest segment
-    sp_size, sp_rank              S and this rank's index in the SP group
+    sp_size, sp_rank              S and this rank's logical index in the SP group
+    ring_size                     C, the ring (context) degree of S = C x U; >1: the balanced chunk split
+                                  (:mod:`seqpack.parallel.ring_split`), so this rank's tokens are chunks of the row
     """
 
     input_ids: torch.Tensor
@@ -43,6 +46,7 @@ class ShardedBatch:
     max_seqlen: int
     sp_size: int = 1
     sp_rank: int = 0
+    ring_size: int = 1
 
     @property
     def num_tokens(self) -> int:
@@ -69,7 +73,7 @@ class ShardedBatch:
 
     def to(self, device) -> "ShardedBatch":
         return ShardedBatch(self.input_ids.to(device), self.shift_labels.to(device), self.position_ids.to(device),
-                            self.cu_seqlens.to(device), self.max_seqlen, self.sp_size, self.sp_rank)
+                            self.cu_seqlens.to(device), self.max_seqlen, self.sp_size, self.sp_rank, self.ring_size)
 
 
 def pad_to_multiple(batch: PackedBatch, multiple: int, pad_token_id: int = 0) -> PackedBatch:
@@ -91,23 +95,39 @@ def pad_to_multiple(batch: PackedBatch, multiple: int, pad_token_id: int = 0) ->
     )
 
 
-def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: int = 0) -> ShardedBatch:
+def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: int = 0,
+                ring_size: int = 1) -> ShardedBatch:
     """Pad ``batch`` to a multiple of ``sp_size`` and return slice ``sp_rank`` (every rank of the SP group calls
     this with the same row). Raises ValueError for a degree/rank out of range or a row shorter than S.
+    With ``ring_size`` C > 1 (2D: S = C ring ranks x S/C Ulysses ranks) the row is padded to a multiple of 16 S
+    and split in chunks balanced by attention work (:mod:`seqpack.parallel.ring_split`); ``sp_rank`` is the
+    logical rank ``ring_rank * (S/C) +
+    ulysses_rank`` (``ParallelDims.sp_rank``).
     A :class:`~seqpack.multimodal.MultimodalBatch` shards itself (its images are merged before the split)."""
     if not isinstance(batch, PackedBatch) and hasattr(batch, "shard"):
+        if ring_size != 1:
+            raise ValueError("ring attention (ring_size > 1) does not split multimodal rows yet; use Ulysses only "
+                             "(ring_size=1) for LLaVA-style models")
         return batch.shard(sp_size, sp_rank, pad_token_id)  # a multimodal row: split after its image merge
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"shard_batch needs a seqpack PackedBatch (seqpack.pack(...)), got {type(batch).__name__}")
     if sp_size < 1 or not 0 <= sp_rank < sp_size:
         raise ValueError(f"invalid sequence parallel position sp_rank={sp_rank} of sp_size={sp_size}; "
                          "need sp_size >= 1 and 0 <= sp_rank < sp_size")
+    if ring_size < 1 or sp_size % ring_size:
+        ok = [d for d in range(1, sp_size + 1) if sp_size % d == 0]
+        raise ValueError(f"ring_size={ring_size} must be a positive divisor of sp_size={sp_size} "
+                         f"(sp = ring x ulysses); use ring_size in {ok}")
     if batch.num_tokens < sp_size:
         raise ValueError(f"sequence parallel degree sp={sp_size} is larger than the packed row ({batch.num_tokens} "
                          f"tokens); pack longer rows (seq_len x micro_bsz >= sp) or use sp <= {batch.num_tokens}")
-    full = pad_to_multiple(batch, sp_size, pad_token_id)
-    size = full.num_tokens // sp_size
-    cut = slice(sp_rank * size, (sp_rank + 1) * size)
+    plan = SplitPlan(ring=ring_size, ulysses=sp_size // ring_size)
+    full = pad_to_multiple(batch, plan.multiple, pad_token_id)
+    if ring_size == 1:
+        size = full.num_tokens // sp_size
+        cut = slice(sp_rank * size, (sp_rank + 1) * size)
+    else:
+        cut = plan.positions(full.cu_seqlens.tolist(), sp_rank).to(full.input_ids.device)
     return ShardedBatch(
         input_ids=full.input_ids[:, cut],
         shift_labels=full.shift_labels[:, cut],
@@ -116,4 +136,5 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
         max_seqlen=full.max_seqlen,
         sp_size=sp_size,
         sp_rank=sp_rank,
+        ring_size=ring_size,
     )

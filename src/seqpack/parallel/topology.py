@@ -36,9 +36,20 @@ class ParallelDims:
     device                  cuda:LOCAL_RANK on a CUDA machine (device "auto" or "cuda"), else cpu
 
     ``dp=None`` means "whatever is left": ``world_size // sp``. ``device``: "auto", "cpu" or "cuda".
+
+    2D sequence parallel (``ring`` = C > 1, ``sp = ring × ulysses``): the SP group is C ring (context) ranks × U
+    Ulysses (head) ranks, with one DeviceMesh ("dp", "ring", "ulysses") — ("dp", "ulysses", "ring") with
+    ``head_first=False``, the LAST dimension being the one whose ranks are consecutive (on one node):
+
+    ring_size, ulysses_size         C and U = sp / C (ring_size 1: plain Ulysses, mesh ("dp", "sp") as above)
+    ring_rank, ulysses_rank         this rank's place; ``sp_rank == ring_rank * ulysses_size + ulysses_rank``
+    ring_group, ulysses_group       the groups ring attention and the Ulysses all-to-all run over (None at size 1)
+    head_first                      True (default): Ulysses ranks consecutive (its all-to-all stays intra-node),
+                                    False: ring ranks consecutive
     """
 
-    def __init__(self, dp: int | None = None, sp: int = 1, backend: str | None = None, device: str = "auto"):
+    def __init__(self, dp: int | None = None, sp: int = 1, backend: str | None = None, device: str = "auto",
+                 ring: int = 1, head_first: bool = True):
         self._owns_process_group = False
         world = _world_size_from_env()
         if dist.is_initialized():  # the caller's process group decides: nccl -> its current GPU, else CPU
@@ -55,15 +66,56 @@ class ParallelDims:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.dp_size, self.sp_size = self.check(dp, sp, self.world_size)
-        self.dp_rank, self.sp_rank = divmod(self.rank, self.sp_size)
-        self.mesh = self.dp_group = self.sp_group = self.world_group = None
-        if self.world_size > 1:
+        self.ring_size, self.ulysses_size = self.check_ring(self.sp_size, ring)
+        self.head_first = bool(head_first)
+        self.dp_rank, local = divmod(self.rank, self.sp_size)
+        self.ring_rank, self.ulysses_rank = (divmod(local, self.ulysses_size) if self.head_first
+                                             else divmod(local, self.ring_size)[::-1])
+        self.sp_rank = self.ring_rank * self.ulysses_size + self.ulysses_rank
+        self.mesh = self.dp_group = self.sp_group = self.world_group = self.ring_group = None
+        self.ulysses_group = None
+        if self.world_size > 1 and self.ring_size > 1:
+            self._init_2d_mesh()
+        elif self.world_size > 1:
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh(self.device.type, (self.dp_size, self.sp_size), mesh_dim_names=("dp", "sp"))
             self.dp_group = self.mesh.get_group("dp") if self.dp_size > 1 else None
             self.sp_group = self.mesh.get_group("sp") if self.sp_size > 1 else None
             self.world_group = dist.group.WORLD
+            self.ulysses_group = self.sp_group
+
+    def _init_2d_mesh(self) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = ("dp", "ring", "ulysses") if self.head_first else ("dp", "ulysses", "ring")
+        shape = tuple({"dp": self.dp_size, "ring": self.ring_size, "ulysses": self.ulysses_size}[n] for n in names)
+        self.mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
+        self.dp_group = self.mesh.get_group("dp") if self.dp_size > 1 else None
+        self.ring_group = self.mesh.get_group("ring")
+        self.ulysses_group = self.mesh.get_group("ulysses") if self.ulysses_size > 1 else None
+        for d in range(self.dp_size):  # every rank creates every SP group, in the same order
+            group = dist.new_group(list(range(d * self.sp_size, (d + 1) * self.sp_size)))
+            if d == self.dp_rank:
+                self.sp_group = group
+        self.world_group = dist.group.WORLD
+
+    @staticmethod
+    def check_ring(sp: int, ring: int) -> tuple[int, int]:
+        """Validate the ring degree against ``sp`` = ring × ulysses; returns ``(ring, ulysses)``.
+
+            >>> ParallelDims.check_ring(8, 2)
+            (2, 4)
+        """
+        if not isinstance(ring, int) or ring < 1 or sp % ring:
+            ok = [d for d in range(1, sp + 1) if sp % d == 0]
+            raise ValueError(f"ring degree ring={ring!r} must divide the sequence parallel degree sp={sp} "
+                             f"(sp = ring x ulysses); use ring in {ok}")
+        return ring, sp // ring
+
+    def attention_groups(self) -> dict:
+        """Keyword arguments for :func:`seqpack.dispatch`: ``sp_group`` (Ulysses) and ``ring_group``."""
+        return dict(sp_group=self.ulysses_group, ring_group=self.ring_group)
 
     @staticmethod
     def check(dp: int | None, sp: int, world_size: int) -> tuple[int, int]:
@@ -102,13 +154,16 @@ class ParallelDims:
             self._owns_process_group = False
 
     def __repr__(self) -> str:
-        return (f"ParallelDims(world_size={self.world_size}, rank={self.rank}, dp={self.dp_size}, sp={self.sp_size}, "
-                f"dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, device={self.device})")
+        ring = f", ring={self.ring_size}, ulysses={self.ulysses_size}" if self.ring_size > 1 else ""
+        return (f"ParallelDims(world_size={self.world_size}, rank={self.rank}, dp={self.dp_size}, sp={self.sp_size}"
+                f"{ring}, dp_rank={self.dp_rank}, sp_rank={self.sp_rank}, device={self.device})")
 
 
-def init_topology(sp: int = 1, dp: int | None = None, backend: str | None = None, device: str = "auto") -> ParallelDims:
-    """Build the topology from torchrun's environment (or an existing process group); see :class:`ParallelDims`."""
-    return ParallelDims(dp=dp, sp=sp, backend=backend, device=device)
+def init_topology(sp: int = 1, dp: int | None = None, backend: str | None = None, device: str = "auto",
+                  ring: int = 1, head_first: bool = True) -> ParallelDims:
+    """Build the topology from torchrun's environment (or an existing process group); see :class:`ParallelDims`.
+    ``ring=C`` > 1: 2D sequence parallel, ``sp = C`` ring ranks × ``sp / C`` Ulysses ranks."""
+    return ParallelDims(dp=dp, sp=sp, backend=backend, device=device, ring=ring, head_first=head_first)
 
 
 def choose_device(preference: str = "auto", local_rank: int = 0) -> tuple[str, torch.device]:

@@ -5,6 +5,7 @@
     seqpack plan configs/shapes/qwen2.5-7b.json --gpus 8 --max --checkpoint 1 --tiled-mlp --offload-checkpoints \
         --offload-optimizer
     seqpack plan path/to/hf_folder --gpus 8         # any local model folder, config.json or InternEvo config
+    seqpack plan configs/shapes/llama-3-8b.json --gpus 16 --seq_len 524288 --sp 16 --ring 4  # 4 Ulysses x 4 ring
 
 The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
 .py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on
@@ -20,13 +21,14 @@ import sys
 from dataclasses import replace
 
 from ..cli_types import fraction, non_negative_float, positive_int
-from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, plan_memory, sp_candidates
+from .memory import GiB, PRECISIONS, PlanOptions, longest_fit, parse_memory, plan_memory, split_candidates
 from .shape import load_shape
 
 LABELS = {"parameters": "parameters (sharded)", "optimizer": "AdamW moments (sharded)",
           "fsdp_gathered": "FSDP2 gathered parameters", "gradients": "gradients",
           "held_activations": "activations kept for backward", "layer_working": "layer under backward (+ temps)",
           "attention_workspace": "attention workspace", "sp_all_to_all": "SP all-to-all buffers",
+          "ring_buffers": "ring attention buffers (k/v, dk/dv in flight, fp32 dq, one tile)",
           "logits_loss": "logits / loss", "autocast_casts": "autocast bf16 weight copies"}
 
 
@@ -44,9 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--seq_len", "--seq-len", type=positive_int, help="tokens of one packed row (default: the config's "
                       "seq_len x micro_bsz, else 8192)")
-    what.add_argument("--max", action="store_true", help="longest seq_len that fits, for every sp dividing "
-                      "--gpus and the heads (or only --sp)")
+    what.add_argument("--max", action="store_true", help="longest seq_len that fits, for every (sp, ring) split: "
+                      "sp dividing --gpus (or only --sp), ring dividing sp, sp / ring dividing the heads")
     parser.add_argument("--sp", type=positive_int, help="sequence-parallel degree (default: the config's, else 1)")
+    parser.add_argument("--ring", type=positive_int, help="ring degree of 2D sequence parallel, sp = ring x ulysses "
+                        "(default: the config's sequence_2D.context_size, else 1)")
     parser.add_argument("--checkpoint", type=fraction, help="fraction of layers with activation checkpointing "
                         "(default: the config's model.checkpoint, else 0 as in seqpack train)")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), help="bf16-mixed: FSDP2 casts float32 weights "
@@ -105,6 +109,7 @@ def options_from(args, cfg) -> PlanOptions:
         raise ValueError(f"--gpus {args.gpus}: give at least 1 GPU")
     return PlanOptions(
         seq_len=pick(args.seq_len, seq_len), gpus=args.gpus, sp=pick(args.sp, cfg.parallel.tensor.size),
+        ring=pick(getattr(args, "ring", None), cfg.parallel.ring_size if args.sp is None else 1),
         checkpoint=pick(args.checkpoint, float(cfg.model.checkpoint)),
         precision=pick(args.precision, train_precision(cfg, args.device)), optimizer=args.optimizer,
         device=args.device, micro_num=pick(args.micro_num, cfg.data.micro_num),
@@ -125,11 +130,13 @@ def run(args) -> int:
         shape, cfg = load_shape(args.source, args.vocab_size)
         opts = options_from(args, cfg)
         if args.max:
-            sps = [args.sp] if args.sp is not None else sp_candidates(shape, args.gpus)
-            fits = {sp: longest_fit(shape, replace(opts, sp=sp), gpu_bytes, host_bytes_per_node=host_limit)
-                    for sp in sps}
-            out = dict(gpu_bytes=gpu_bytes, host_bytes=host_limit,
-                       longest={sp: (p.to_dict() if p else None) for sp, p in fits.items()})
+            splits = split_candidates(shape, args.gpus, args.sp)
+            if args.ring is not None:
+                splits = [(s, c) for s, c in splits if c == args.ring]
+            fits = {(sp, c): longest_fit(shape, replace(opts, sp=sp, ring=c), gpu_bytes,
+                                          host_bytes_per_node=host_limit) for sp, c in splits}
+            out = dict(gpu_bytes=gpu_bytes, host_bytes=host_limit, longest={(sp if c == 1 else f"{sp}:ring{c}"): (p.to_dict() if p else None)
+                                                     for (sp, c), p in fits.items()})
         else:
             plan = plan_memory(shape, opts)
             host_ok = host_limit is None or plan.host_per_node <= host_limit
@@ -161,7 +168,8 @@ def describe_model(shape) -> str:
 def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, with_sp: bool = True) -> str:
     parts = [f"{opts.gpus} GPU(s) x {gpu_bytes / GiB:.1f} GiB"]
     if with_sp:
-        parts.append(f"sp={opts.sp} dp={opts.gpus // opts.sp}")
+        parts.append(f"sp={opts.sp} dp={opts.gpus // opts.sp}"
+                     + (f" (ring {opts.ring} x ulysses {opts.ulysses})" if opts.ring > 1 else ""))
     if with_seq:
         parts.append(f"T={opts.seq_len}")
     parts += [f"checkpoint {opts.checkpoint:.0%} of layers", opts.precision,
@@ -209,14 +217,15 @@ def breakdown_table(plan, gpu_bytes: int, host_limit: int | None = None) -> str:
 
 
 def max_table(fits: dict, gpu_bytes: int) -> str:
-    lines = ["\nlongest packed row that fits (bisection over multiples of 1024 x sp):",
-             "| sp | dp | longest T | tokens/rank | needed GiB/GPU | host GiB/node | peak at | TFLOP/rank (model) |",
-             "|---:|---:|---:|---:|---:|---:|---|---:|"]
-    for sp, plan in fits.items():
+    lines = ["\nlongest packed row that fits (bisection over multiples of 1024 x sp, x 16 with a ring):",
+             "| sp | ulysses x ring | dp | longest T | tokens/rank | needed GiB/GPU | host GiB/node | peak at | "
+             "TFLOP/rank (model) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    for (sp, ring), plan in fits.items():
         if plan is None:
-            lines.append(f"| {sp} | - | nothing fits | | | | | |")
+            lines.append(f"| {sp} | {sp // ring} x {ring} | - | nothing fits | | | | | |")
             continue
-        lines.append(f"| {sp} | {plan.options.gpus // sp} | {plan.options.seq_len:,} | {plan.local_tokens:,} | "
-                     f"{plan.reserved / GiB:.1f} | {plan.host_per_node / GiB:.0f} | {plan.peak_phase} | "
-                     f"{plan.model_flops / 1e12:.0f} |")
+        lines.append(f"| {sp} | {sp // ring} x {ring} | {plan.options.gpus // sp} | {plan.options.seq_len:,} | "
+                     f"{plan.local_tokens:,} | {plan.reserved / GiB:.1f} | {plan.host_per_node / GiB:.0f} | "
+                     f"{plan.peak_phase} | {plan.model_flops / 1e12:.0f} |")
     return "\n".join(lines)

@@ -35,6 +35,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from types import SimpleNamespace
 
+from ..parallel.ring_split import CHUNKS_PER_RANK
 from .shape import ModelShape
 
 GiB = 2**30
@@ -74,6 +75,7 @@ class PlanOptions:
     seq_len: int  # T: tokens of one packed row (micro-batch)
     gpus: int = 1  # W: ranks; FSDP2 shards parameters, gradients and optimizer state over all of them
     sp: int = 1  # S: sequence-parallel degree
+    ring: int = 1  # C: ring (context) degree of 2D sequence parallel, S = C x U Ulysses ranks
     checkpoint: float = 1.0  # fraction of decoder layers with activation checkpointing (0..1)
     precision: str = "bf16-mixed"
     optimizer: str = "adamw"  # "adamw" (two fp32 moments) or "none"
@@ -100,6 +102,9 @@ class PlanOptions:
         if self.gpus % self.sp:
             ok = [d for d in range(1, self.gpus + 1) if self.gpus % d == 0]
             raise ValueError(f"sp={self.sp} does not divide the {self.gpus} GPUs (dp = gpus / sp); use sp in {ok}")
+        if self.ring < 1 or self.sp % self.ring:
+            ok = [d for d in range(1, self.sp + 1) if self.sp % d == 0]
+            raise ValueError(f"ring={self.ring} does not divide sp={self.sp} (sp = ring x ulysses); use ring in {ok}")
         if not 0.0 <= self.checkpoint <= 1.0:
             raise ValueError(f"checkpoint must be a fraction of layers within 0..1, got {self.checkpoint}")
         if self.precision not in PRECISIONS:
@@ -110,6 +115,11 @@ class PlanOptions:
             raise ValueError(f"unknown device {self.device!r}; choose cuda or cpu")
         if self.micro_num < 1 or self.loss_chunk < 1 or (self.mlp_tile is not None and self.mlp_tile < 1):
             raise ValueError("micro_num, loss_chunk and mlp_tile must be >= 1")
+
+    @property
+    def ulysses(self) -> int:
+        """U: the Ulysses (head) degree."""
+        return self.sp // self.ring
 
 
 @dataclass
@@ -148,13 +158,15 @@ class Plan:
                     host_per_node=self.host_per_node)
 
 
-def check_sp(shape: ModelShape, sp: int) -> None:
-    """SP degrees the planner counts: sp divides the query heads (seqpack also runs other degrees with dummy
-    heads, at ceil(N/S)*S/N the attention cost; plan those as the next divisor)."""
-    if shape.num_heads % sp:
+def check_sp(shape: ModelShape, sp: int, ring: int = 1) -> None:
+    """SP degrees the planner counts: the Ulysses degree sp / ring divides the query heads (seqpack also runs
+    other degrees with dummy heads, at ceil(N/U)*U/N the attention cost; plan those as the next divisor)."""
+    if shape.num_heads % (sp // ring):
         ok = [d for d in range(1, shape.num_heads + 1) if shape.num_heads % d == 0]
-        raise ValueError(f"sp={sp} does not divide the model's {shape.num_heads} attention heads; the planner "
-                         f"counts exact head splits: use sp in {ok}")
+        what = "sp" if ring == 1 else f"the Ulysses degree sp/ring={sp // ring}"
+        raise ValueError(f"{what}={sp // ring} does not divide the model's {shape.num_heads} attention heads; the "
+                         f"planner counts exact head splits: use {'sp' if ring == 1 else 'sp/ring'} in {ok}"
+                         + ("" if ring > 1 else " (or a ring degree: --ring)"))
 
 
 def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
@@ -165,13 +177,15 @@ def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
     a, s, h, D = prec.act, prec.stream, shape.hidden_size, shape.head_dim
     q = shape.num_heads * D
     nkv = shape.num_heads if opts.kv_repeat else shape.num_kv_heads * plan_heads(
-        shape.num_heads, shape.num_kv_heads, opts.sp).kv_repeat
+        shape.num_heads, shape.num_kv_heads, opts.ulysses).kv_repeat
     kv = nkv * D
 
     def norm(width: int, consumers: int) -> int:  # fp32 input, normalised, output (cast copies), 1/rms
         return 4 * width + s * width + (consumers if prec.autocast else 1) * a * width + 4
 
-    attn = a * (q + 2 * kv) + a * q + 4 * shape.num_heads + (a * q if opts.sp > 1 else 0)
+    # q, k, v, the output (ring attention: its float32 merge) and the fp32 log-sum-exp; the Ulysses all-to-all's
+    out = 4 * q if opts.ring > 1 else a * q
+    attn = a * (q + 2 * kv) + out + 4 * shape.num_heads + (a * q if opts.ulysses > 1 else 0)
     if shape.qk_norm:  # per-head norms of the projections (their outputs go into RoPE, which keeps only cos/sin)
         width = q + shape.num_kv_heads * D
         attn += 4 * width + a * width + 4 * (shape.num_heads + shape.num_kv_heads)
@@ -179,14 +193,27 @@ def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
                 mlp=0 if opts.tiled_mlp else 4 * a * shape.intermediate_size)
 
 
+RING_TILE = 512  # seqpack.attention.ring_blocks.TILE
+
+
+def parts_kv(shape: ModelShape, opts: PlanOptions) -> int:
+    """Key (or value) elements per local token after the head layout: Nkv' x D (Nkv' = N with kv_repeat)."""
+    from ..parallel.heads import plan_heads
+
+    nkv = shape.num_heads if opts.kv_repeat else shape.num_kv_heads * plan_heads(
+        shape.num_heads, shape.num_kv_heads, opts.ulysses).kv_repeat
+    return nkv * shape.head_dim
+
+
 def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     """Predict the per-rank peak memory of one training step (forward + loss + backward, and the optimizer)."""
-    check_sp(shape, opts.sp)
+    check_sp(shape, opts.sp, opts.ring)
     prec = PRECISIONS[opts.precision]
     p, m, s, a = prec.param, prec.stored, prec.stream, prec.act  # m: stored (master) parameter/gradient bytes
     h, L, V, i = shape.hidden_size, shape.num_layers, shape.vocab_size, shape.intermediate_size
     q = shape.num_heads * shape.head_dim
-    t = -(-opts.seq_len // opts.sp)  # shard_batch pads the row to a multiple of S
+    multiple = opts.sp if opts.ring == 1 else CHUNKS_PER_RANK * opts.sp  # shard_batch pads to a multiple of it
+    t = -(-opts.seq_len // multiple) * multiple // opts.sp
     W = opts.gpus
     sharded = W > 1 or prec.fsdp or opts.offload_optimizer  # FSDP2 (on a one-rank group for one process)
     cuda = opts.device == "cuda"
@@ -245,8 +272,13 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         base, fsdp_gathered=(P_layer + (shape.root_params if opts.chunked_loss else 0)) * p if sharded else 0,
         gradients=resident_grads,
         held_activations=t * (sum(held) + final + rope), layer_working=0,
-        attention_workspace=0, sp_all_to_all=0, logits_loss=loss_bytes + logits_kept,
+        attention_workspace=0, sp_all_to_all=0, ring_buffers=0, logits_loss=loss_bytes + logits_kept,
         autocast_casts=casts(L - n_ckpt))
+    kv_local = t * parts_kv(shape, opts)  # k (or v) elements of one ring rank's block: T/C tokens x Nkv'/U heads
+    # ring backward: the key/value block and the one arriving, their float32 dk/dv (travelling and arriving), the
+    # float32 dq, and one tile's scores, probabilities and their gradients (5 fp32 [N/U, TILE, TILE])
+    ring = (2 * 2 * kv_local * a + 2 * 2 * kv_local * 4 + 4 * t * q
+            + 5 * 4 * (shape.num_heads // opts.ulysses) * RING_TILE ** 2) if opts.ring > 1 else 0
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
         extra_input = s * h if k < n_ckpt and s != 4 else 0  # a bf16 input is not the norm's fp32 copy
         if k < n_ckpt and offload:  # its input came back from the host, the next layer's is on its way
@@ -257,17 +289,20 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         # accumulator), and under SP the send + receive buffers of one all-to-all
         attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + s * h)
         workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim) + (t * 4 * q if cuda else 0)
-        a2a = 2 * t * a * q if opts.sp > 1 else 0
-        working, workspace, a2a = (mlp_phase, 0, 0) if mlp_phase >= attn_phase + workspace + a2a else \
-            (attn_phase, workspace, a2a)
+        if opts.ring > 1:  # the exact blockwise backward: dq, dk, dv live in the ring buffers
+            workspace = t * a * q
+        a2a = 2 * t * a * q if opts.ulysses > 1 else 0
+        working, workspace, a2a, ring_bufs = (mlp_phase, 0, 0, 0) \
+            if mlp_phase >= attn_phase + workspace + a2a + ring else (attn_phase, workspace, a2a, ring)
         phases[f"layer {k} backward"] = dict(
             base, gradients=grads((L - k) * P_layer, sharded), held_activations=t * (sum(held[:k]) + rope),
-            layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, logits_loss=logits_kept,
+            layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, ring_buffers=ring_bufs,
+            logits_loss=logits_kept,
             autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
     phases["embedding backward"] = dict(
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
                               shape.root_params), held_activations=t * s * h, layer_working=0,
-        attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
+        attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, ring_buffers=0, autocast_casts=0)
     if opts.optimizer == "adamw" and not opts.offload_optimizer:
         # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
         # two fp32 temporaries of the largest parameter (measured: 2.0 x its bytes)
@@ -275,7 +310,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         phases["optimizer step"] = dict(
             parameters=resident_params, optimizer=optimizer, fsdp_gathered=0, gradients=P * m // shard,
             held_activations=0, layer_working=4 * (P // shard) if cuda else 2 * 4 * largest,
-            attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, autocast_casts=0)
+            attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, ring_buffers=0, autocast_casts=0)
 
     totals = {name: sum(c.values()) for name, c in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -336,7 +371,7 @@ def longest_fit(shape: ModelShape, opts: PlanOptions, gpu_bytes: int, multiple: 
     """The plan with the longest ``seq_len`` (a multiple of ``multiple * sp``) whose reserved memory fits
     ``gpu_bytes`` per rank (and its host memory ``host_bytes_per_node``, when given), or None when not even one
     multiple fits. Memory grows with T, so this bisects."""
-    step = multiple * opts.sp
+    step = multiple * opts.sp * (CHUNKS_PER_RANK if opts.ring > 1 else 1)
 
     def fits(n: int) -> Plan | None:
         plan = plan_memory(shape, replace(opts, seq_len=n * step))
@@ -360,6 +395,13 @@ def longest_fit(shape: ModelShape, opts: PlanOptions, gpu_bytes: int, multiple: 
 def sp_candidates(shape: ModelShape, gpus: int) -> list[int]:
     """SP degrees that divide both the GPU count and the query heads."""
     return [d for d in range(1, gpus + 1) if gpus % d == 0 and shape.num_heads % d == 0]
+
+
+def split_candidates(shape: ModelShape, gpus: int, sp: int | None = None) -> list[tuple[int, int]]:
+    """(sp, ring) pairs to search: sp divides the GPUs (or is ``sp``), ring divides sp, and the Ulysses degree
+    sp / ring divides the query heads — so sp may exceed the head count."""
+    sps = [sp] if sp is not None else [d for d in range(1, gpus + 1) if gpus % d == 0]
+    return [(s, c) for s in sps for c in range(1, s + 1) if s % c == 0 and shape.num_heads % (s // c) == 0]
 
 
 def parse_memory(text: str, flag: str = "--gpu-mem") -> int:

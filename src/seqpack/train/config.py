@@ -170,6 +170,36 @@ class WeightConfig:
 
 
 @dataclass
+class PlacementConfig:
+    """``parallel.sequence_2D.device_placement_strategy``: which group of 2D sequence parallel gets consecutive
+    ranks (one node)."""
+
+    head_first: bool = True
+    """True: the Ulysses (head) ranks are consecutive, so the all-to-all stays on a node and the ring crosses
+    nodes; False: the ring (context) ranks are consecutive."""
+    interleaved: bool = False
+    """InternEvo's placement of the double ring's inner windows; seqpack runs one ring, so this changes nothing."""
+
+
+@dataclass
+class Sequence2DConfig:
+    """``parallel.sequence_2D``: 2D sequence parallel, Ulysses (head_size) × packed ring attention (context_size),
+    head_size × context_size == tensor.size."""
+
+    enable: bool = False
+    """Use 2D sequence parallel instead of Ulysses over the whole tensor.size group."""
+    head_size: int = 1
+    """Ulysses degree U (heads split U ways by an all-to-all)."""
+    context_size: int = 1
+    """Ring degree C (the row split in chunks balanced over C ranks; keys/values travel around the ring)."""
+    window_size: int = 1
+    """InternEvo's double-ring window (a communication schedule); seqpack runs one ring over the context group:
+    the results are identical; must divide context_size."""
+    device_placement_strategy: PlacementConfig = field(default_factory=PlacementConfig)
+    """Which group gets consecutive ranks."""
+
+
+@dataclass
 class ParallelConfig:
     """``parallel = dict(zero1=..., tensor=..., pipeline=..., weight=...)``. dp = world_size / tensor.size."""
 
@@ -181,6 +211,13 @@ class ParallelConfig:
     """Pipeline parallel (size 1 only)."""
     weight: WeightConfig = field(default_factory=WeightConfig)
     """Weight parallel (mapped onto FSDP2)."""
+    sequence_2D: Sequence2DConfig = field(default_factory=Sequence2DConfig)
+    """2D sequence parallel (Ulysses × ring attention over packed documents)."""
+
+    @property
+    def ring_size(self) -> int:
+        """The ring degree C of the run (1 without sequence_2D)."""
+        return self.sequence_2D.context_size if self.sequence_2D.enable else 1
 
 
 @dataclass

@@ -50,8 +50,7 @@ IGNORED: dict[str, dict[str, str]] = {
         "overlap_sync_grad", "overlap_sync_param", "reduce_bucket_size", "use_split_tensor_optim", "all_gather_size",
         "zero_overlap_communication")},
     "lr_scheduler": {},
-    "parallel": {"sequence_2D": "2D sequence parallel is not supported (must be disabled)",
-                 "expert": "expert parallel is not supported (experts run data parallel)"},
+    "parallel": {"expert": "expert parallel is not supported (experts run data parallel)"},
     "parallel.weight": {"launch_allgather_before": "FSDP2 prefetching", "forward_overlap_per": "FSDP2 prefetching",
                         "early_reduce_scatter_release": "FSDP2 reduce-scatter"},
 }
@@ -59,7 +58,6 @@ _MUST = {  # key: (value that is the only one supported, what to do)
     "data.rampup_batch_size": ("", "remove it (no batch-size ramp-up)"),
     "model.embed_grad_scale": (1, "remove it"),
     "model.apply_post_layer_norm": (False, "use a pre-norm model"),
-    "parallel.sequence_2D.enable": (False, "use parallel.tensor=dict(size=S, mode='isp') (Ulysses/ISP)"),
 }
 MODES = ("isp",)
 PACKINGS = ("cut", "into_one", "bfd", "padded")
@@ -149,6 +147,7 @@ def check_choices(cfg, source: str = "config") -> None:
     if from_hf(cfg) and info is None:
         bad("model_type", cfg.model_type, "a *_FROM_HF model needs ckpt.load_ckpt_info=dict(path=FOLDER, "
             "content=('model',), ckpt_type='hf_model')")
+    check_sequence_2d(p, bad, source)
     if p.zero1.size not in (-1, 0, 1):
         warnings.warn(f"{source}: parallel.zero1.size={p.zero1.size}: seqpack shards parameters, gradients and "
                       "optimizer state with FSDP2 over the whole data-parallel dimension (the update is identical; "
@@ -194,10 +193,32 @@ def check_ranges(cfg, bad) -> None:
             bad(f"data.min_length_dict[{name!r}]", value, "must be a number of tokens >= 0")
 
 
+def check_sequence_2d(p, bad, source: str) -> None:
+    """InternEvo's rule head_size x context_size == tensor.size, and what the window and placement mean here."""
+    s2 = p.sequence_2D
+    if not s2.enable:
+        return
+    S = p.tensor.size
+    for key, value in (("head_size", s2.head_size), ("context_size", s2.context_size),
+                       ("window_size", s2.window_size)):
+        if value < 1:
+            bad(f"parallel.sequence_2D.{key}", value, "must be a positive integer")
+    if s2.head_size * s2.context_size != S:
+        splits = ", ".join(f"head_size={S // c}, context_size={c}" for c in range(1, S + 1) if S % c == 0)
+        bad("parallel.sequence_2D", f"head_size={s2.head_size}, context_size={s2.context_size}",
+            f"head_size x context_size must equal parallel.tensor.size={S}; use one of: {splits}")
+    if s2.context_size % s2.window_size:
+        bad("parallel.sequence_2D.window_size", s2.window_size,
+            f"must divide context_size={s2.context_size}")
+    if s2.window_size not in (1, s2.context_size) or s2.device_placement_strategy.interleaved:
+        warnings.warn(f"{source}: parallel.sequence_2D.window_size={s2.window_size} / interleaved="
+                      f"{s2.device_placement_strategy.interleaved} schedule InternEvo's double ring; seqpack runs one "
+                      "ring over the context group (identical results, a different communication schedule)",
+                      stacklevel=4)
+
+
 def check_ignored(key: str, value, source: str) -> None:
     """An InternEvo key seqpack ignores: raise if its value asks for something seqpack cannot do."""
-    if key == "parallel.sequence_2D" and isinstance(value, dict):
-        key, value = "parallel.sequence_2D.enable", value.get("enable", False)
     if key in _MUST and value != _MUST[key][0]:
         raise ValueError(f"{source}: {key}={value!r} is not supported: {_MUST[key][1]}")
 

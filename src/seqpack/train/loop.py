@@ -134,7 +134,8 @@ def train(cfg: Config, task=None) -> TrainResult:
     :class:`seqpack.train.task.CausalLM`); one process or every rank of a torchrun launch. LLaVA and Flux configs:
     :func:`seqpack.tasks.train` picks their task."""
     task = task if task is not None else CausalLM()
-    topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device)  # cuda:LOCAL_RANK on a GPU machine
+    topo = init_topology(sp=cfg.parallel.tensor.size, device=cfg.train.device, ring=cfg.parallel.ring_size,
+                         head_first=cfg.parallel.sequence_2D.device_placement_strategy.head_first)  # cuda:LOCAL_RANK
     try:
         return _train(cfg, topo, task)
     finally:

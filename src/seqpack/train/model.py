@@ -87,9 +87,13 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
                          f"{vocab_size}; set model.vocab_size >= {vocab_size} or use the model's own tokenizer")
     model.train()
     if topo is not None and topo.sp_size > 1 and not is_ssm(model):  # an SSM: dispatch below refuses sp > 1
-        check_model_heads(model.config, topo.sp_size)  # an impossible head layout fails before training
-    # 1) attention: packed varlen, sequence parallel over topo.sp_group (Mamba: mixers reset per document)
-    seqpack.dispatch(model, backend=cfg.model.attn_backend, sp_group=getattr(topo, "sp_group", None))
+        # an impossible head layout fails before training (2D: the heads are split over the Ulysses ranks only)
+        check_model_heads(model.config, getattr(topo, "ulysses_size", topo.sp_size))
+    # 1) attention: packed varlen, Ulysses over topo.ulysses_group x ring attention over topo.ring_group (Mamba:
+    #    mixers reset per document)
+    groups = topo.attention_groups() if hasattr(topo, "attention_groups") else \
+        dict(sp_group=getattr(topo, "sp_group", None))
+    seqpack.dispatch(model, backend=cfg.model.attn_backend, **groups)
     # 2) fused kernels (Liger on CUDA): RMSNorm, SwiGLU/GeGLU, RoPE forwards swapped on the instances
     fused = apply_fused_kernels(model, cfg.model.fused_kernels, device)
     say = (lambda text: print(f"seqpack train: {text}", flush=True)) if getattr(topo, "rank", 0) == 0 else \

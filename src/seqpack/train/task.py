@@ -75,7 +75,8 @@ class CausalLM:
 
     def prepare(self, rows: list, topo) -> list:
         """This rank's micro-batches of one step: the rows [1, T], or their SP shards [1, T/S]; pinned on CUDA."""
-        micro = [shard_batch(b, topo.sp_size, topo.sp_rank) for b in rows] if topo.sp_size > 1 else list(rows)
+        micro = [shard_batch(b, topo.sp_size, topo.sp_rank, ring_size=topo.ring_size) for b in rows] \
+            if topo.sp_size > 1 else list(rows)
         if topo.device.type == "cuda":
             micro = [b.map_tensors(torch.Tensor.pin_memory) for b in micro]
         return micro
@@ -117,7 +118,9 @@ class CausalLM:
         d = cfg.data
         return (f"seqpack train: {run_dir}  {type(parts.model).__name__.removeprefix('FSDP')} "
                 f"{parts.params / 1e6:.2f}M params  device={topo.device}  dtype={precision(cfg, topo.device)}  "
-                f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  packing={cfg.packing}  "
+                f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size}"
+                + (f" = {topo.ring_size} ring x {topo.ulysses_size} ulysses" if topo.ring_size > 1 else "")
+                + f")  packing={cfg.packing}  "
                 f"tokens/step={topo.dp_size * d.micro_num * d.micro_bsz * d.seq_len}  "
                 f"peak={peak.flops / 1e9:.1f} GFLOP/s ({peak.source})  "
                 f"attention={backends_used(parts.model) or cfg.model.attn_backend}")
