@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+from ..cli_types import positive_int
+
 SETTINGS = {  # name -> (config keys, the setting it is compared with)
     "fp32": ({}, None),
     "bf16": ({"model.mixed_precision": "fsdp"}, "fp32"),
@@ -75,16 +77,25 @@ class _Run:
         return moved
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="seqpack bench offload", description=__doc__,
+EXAMPLES = "examples:\n  seqpack bench offload --seq-len 4096 --steps 3 --repeats 3"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of this benchmark (also the source of its reference page)."""
+    parser = argparse.ArgumentParser(prog="seqpack bench offload", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seq-len", type=int, default=4096, help="tokens of the packed row (default 4096)")
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds over all settings (default 3)")
+    parser.add_argument("--seq-len", type=positive_int, default=4096, help="tokens of the packed row (default 4096)")
+    parser.add_argument("--hidden", type=positive_int, default=256, help="hidden size of the Llama-shaped model")
+    parser.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
+    parser.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    parser.add_argument("--vocab", type=positive_int, default=8192, help="vocabulary size")
+    parser.add_argument("--steps", type=positive_int, default=3, help="timed steps per round (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="rounds over all settings (default 3)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     import torch
 
