@@ -9,7 +9,7 @@ import torch.distributed as dist
 from seqpack.parallel import init_topology
 from seqpack.parallel.topology import choose_device
 from seqpack.train import load_config, train
-from seqpack.train.model import autocast_dtype, precision
+from seqpack.train.model import autocast_dtype, compute_mode, precision
 
 
 @pytest.fixture
@@ -77,9 +77,14 @@ def test_several_processes_use_nccl_and_one_gpu_each(fake_gpus, monkeypatch):
 def test_precision_follows_model_dtype_on_cuda_only():
     cfg = load_config(None, [])
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert autocast_dtype(cfg, cuda) == torch.bfloat16 and autocast_dtype(cfg, cpu) is None
-    assert precision(cfg, cuda) == "bfloat16 autocast (fp32 weights)" and precision(cfg, cpu) == "float32"
+    # default on CUDA: bf16 by FSDP2 mixed precision over fp32 weights (no autocast); on CPU float32
+    assert compute_mode(cfg, cuda) == ("fsdp", torch.bfloat16) and compute_mode(cfg, cpu)[0] is None
+    assert autocast_dtype(cfg, cuda) is None and autocast_dtype(cfg, cpu) is None
+    assert precision(cfg, cuda) == "bfloat16 (FSDP2 mixed precision, fp32 weights)" and precision(cfg, cpu) == "float32"
+    old = load_config(None, ["--model.mixed_precision", "autocast"])  # the autocast mode stays selectable
+    assert autocast_dtype(old, cuda) == torch.bfloat16 and precision(old, cuda) == "bfloat16 autocast (fp32 weights)"
     assert autocast_dtype(load_config(None, ["--model.dtype", "torch.float32"]), cuda) is None
+    assert compute_mode(load_config(None, ["--model.dtype", "torch.float32"]), cuda)[0] is None
 
 
 def test_startup_line_names_device_dtype_and_attention_backend(tmp_path, capsys):
