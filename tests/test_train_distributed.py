@@ -35,7 +35,7 @@ from seqpack.train import load_config, train
 from seqpack.train.checkpoint import latest_checkpoint
 
 TINY = ["--model.hidden_size", "32", "--model.num_layers", "2", "--model.num_attention_heads", "4",
-        "--model.num_kv_attention_heads", "2", "--data.seq_len", "64", "--data.max_docs", "60",
+        "--model.num_kv_attention_heads", "2", "--data.seq_len", "64", "--data.max_docs", "200",
         "--train.tensorboard", "False", "--lr_scheduler.total_steps", "4", "--ckpt.checkpoint_every", "2",
         "--hybrid_zero_optimizer.clip_grad_norm", "1.0"]
 # AdamW with beta1=0, no weight decay and eps=1000 >> sqrt(v) (clipped gradients: |g| <= 1) is plain SGD with
