@@ -51,7 +51,8 @@ class CheckpointOffload:
         return self.stream
 
     def pack(self, layer: int, tensor: torch.Tensor):
-        if not tensor.is_floating_point() or tensor.is_sparse or isinstance(tensor, torch.nn.Parameter):
+        if (not tensor.is_floating_point() or tensor.is_sparse or isinstance(tensor, torch.nn.Parameter)
+                or tensor.numel() == 0):  # an empty placeholder (older torch's checkpoint saves one) has no bytes
             return tensor
         if tensor.device.type == "cuda":
             stream = self._side_stream()
