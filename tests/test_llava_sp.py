@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import seqpack
 from seqpack.ops.loss import token_loss_sum
 from seqpack.multimodal.batch import pack_multimodal
-from seqpack.parallel import StepLoss, all_reduce_gradients, apply_fsdp, gather_sequence, init_topology, shard_batch
+from seqpack.parallel import StepLoss, all_reduce_gradients, apply_fsdp, init_topology, shard_batch
 from seqpack.tasks import train
 from seqpack.train import load_config
 
@@ -30,6 +30,8 @@ def _rows():
 
 
 def _case(topo, fsdp: bool, seed: int):
+    """One step on ``_rows()`` under ``topo`` (Ulysses, or 2D with a ring; every data-parallel replica gets the
+    same rows) against one process: logits, loss and every gradient."""
     rows = _rows()
     assert all(r.text.num_tokens % 2 for r in rows), "rows of odd length exercise the SP pad segment"
     ref, model = model_pair(seed)
@@ -39,17 +41,18 @@ def _case(topo, fsdp: bool, seed: int):
     ref_loss = sum(token_loss_sum(lg, r.shift_labels) for lg, r in zip(ref_logits, rows)) / count
     ref_loss.backward()
 
-    seqpack.dispatch(model, sp_group=topo.sp_group)
+    seqpack.dispatch(model, **topo.attention_groups())
     if fsdp:
         apply_fsdp(model, topo)
-    shards = [shard_batch(r, topo.sp_size, topo.sp_rank) for r in rows]
+    shards = [shard_batch(r, topo.sp_size, topo.sp_rank, ring_size=topo.ring_size) for r in rows]
     step = StepLoss(shards, topo.world_group)
-    assert step.num_valid == count
+    assert step.num_valid == count * topo.dp_size
     for s, r, want in zip(shards, rows, ref_logits):
         logits = model(**s.model_inputs()).logits  # [1, T/S, V]
-        assert logits.shape[1] == s.num_tokens == -(-r.text.num_tokens // 2)
-        full = gather_sequence(logits.detach(), topo.sp_group, dim=1)[:, :r.text.num_tokens]
-        assert (full - want).abs().max().item() <= 1e-5
+        assert logits.shape[1] == s.num_tokens == s.text.num_tokens // topo.sp_size
+        where = torch.arange(s.text.num_tokens)[s.split.cut(s.cu_seqlens.tolist(), topo.sp_rank)]  # [T/S]
+        real = where < r.text.num_tokens  # the pad segment's tokens have no reference
+        assert (logits[0, real].detach() - want[0, where[real]]).abs().max().item() <= 1e-5
         step(logits, s).backward()
     if not fsdp:
         all_reduce_gradients(model, topo.world_group)

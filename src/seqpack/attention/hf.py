@@ -198,8 +198,6 @@ def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
         return model
     if not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"{type(model).__name__} is not a transformers PreTrainedModel; seqpack.dispatch needs one")
-    if is_multimodal(model) and ring:
-        raise ValueError("ring attention (ring_group) is not available for multimodal models yet; use Ulysses only")
     if group_size(sp_group) > 1:  # fail before training when the heads cannot be split over sp_group
         check_model_heads(model.config, group_size(sp_group))
     previous = attn_implementations(model.config)
@@ -219,4 +217,4 @@ def _install(model, opts: AttentionOptions) -> None:
     for m in model.modules():
         m.seqpack_options = opts
     if is_multimodal(model):  # encoders never see packed metadata; with SP the split follows the image merge
-        prepare_multimodal(model, opts.sp_group)
+        prepare_multimodal(model, opts.sp_group, opts.ring_group)

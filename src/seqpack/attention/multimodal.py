@@ -17,9 +17,11 @@ never packed. So:
 - Sequence parallel (:func:`prepare_multimodal` with an SP group): every rank of the SP group gets the WHOLE
   padded row (ids, pixel values, positions, global ``cu_seqlens``), computes the image features of all its
   images once and merges them into the embeddings; a forward pre-hook on the language model then keeps this
-  rank's contiguous ``T/S`` slice of ``inputs_embeds`` and ``position_ids`` (``[1, T, H] -> [1, T/S, H]``), and
-  seqpack's Ulysses attention runs over the global ``cu_seqlens``. The slice's backward puts zeros elsewhere, so
-  with gradients summed over ranks the vision tower and projector get exactly the one-process gradient.
+  rank's ``T/S`` tokens of ``inputs_embeds`` and ``position_ids`` (``[1, T, H] -> [1, T/S, H]``) — its
+  contiguous slice with Ulysses alone, its chunks of the balanced ring split with 2D sequence parallel (the split
+  :func:`seqpack.parallel.shard_batch` makes of the labels) — and seqpack's Ulysses / ring attention runs over the
+  global ``cu_seqlens``. The cut's backward puts zeros elsewhere, so with gradients summed over ranks the vision
+  tower and projector get exactly the one-process gradient.
 """
 
 from __future__ import annotations
@@ -123,11 +125,13 @@ def encoder_models(model) -> list[torch.nn.Module]:
             and m.config is not model.config]
 
 
-def prepare_multimodal(model, sp_group=None) -> None:
+def prepare_multimodal(model, sp_group=None, ring_group=None) -> None:
     """Hooks of a multimodal model (called by ``seqpack.dispatch``; calling it again replaces them):
-    the encoders never receive the text row's packed metadata, and with ``sp_group`` of S > 1 ranks the language
-    model keeps this rank's ``T/S`` slice of the merged embeddings (see the module docstring)."""
+    the encoders never receive the text row's packed metadata, and with an SP group of S > 1 ranks (``sp_group``
+    the Ulysses ranks, ``ring_group`` the ring ranks of 2D sequence parallel) the language model keeps this
+    rank's ``T/S`` tokens of the merged embeddings (see the module docstring)."""
     from ..parallel.comm import group_rank, group_size
+    from ..parallel.ring_split import SplitPlan
 
     for m in [language_model(model), *encoder_models(model)]:
         for handle in getattr(m, "_seqpack_hooks", ()):
@@ -135,11 +139,11 @@ def prepare_multimodal(model, sp_group=None) -> None:
         m._seqpack_hooks = []
     for enc in encoder_models(model):
         enc._seqpack_hooks.append(enc.register_forward_pre_hook(_drop_packed_kwargs, with_kwargs=True))
-    S = group_size(sp_group)
-    if S > 1:
+    plan = SplitPlan(ring=group_size(ring_group), ulysses=group_size(sp_group))
+    if plan.size > 1:
         lm = language_model(model)
-        lm._seqpack_hooks.append(lm.register_forward_pre_hook(
-            _SequenceSplit(S, group_rank(sp_group)), with_kwargs=True))
+        sp_rank = group_rank(ring_group) * plan.ulysses + group_rank(sp_group)  # ParallelDims.sp_rank
+        lm._seqpack_hooks.append(lm.register_forward_pre_hook(_SequenceSplit(plan, sp_rank), with_kwargs=True))
 
 
 def _drop_packed_kwargs(module, args, kwargs):
@@ -147,10 +151,11 @@ def _drop_packed_kwargs(module, args, kwargs):
 
 
 class _SequenceSplit:
-    """Forward pre-hook of the language model: whole row -> this rank's slice, after the image merge."""
+    """Forward pre-hook of the language model: whole row -> this rank's tokens, after the image merge; the same
+    split as :func:`seqpack.parallel.shard_batch` (``SplitPlan.cut``: contiguous, or the ring's chunks)."""
 
-    def __init__(self, sp_size: int, sp_rank: int):
-        self.sp_size, self.sp_rank = sp_size, sp_rank
+    def __init__(self, plan, sp_rank: int):
+        self.plan, self.sp_rank = plan, sp_rank
 
     def __call__(self, module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -160,13 +165,14 @@ class _SequenceSplit:
         T = embeds.shape[1]
         cu = kwargs.get("cu_seq_lens_q")
         if embeds.shape[0] != 1 or cu is None or kwargs.get("position_ids") is None or int(cu[-1]) != T \
-                or T % self.sp_size:
+                or T % self.plan.multiple:
             raise ValueError(
                 f"sequence parallel LLaVA gets the WHOLE packed row on every rank of the SP group (its image "
                 f"features are merged before the split): inputs_embeds {tuple(embeds.shape)} must be [1, T] with T "
-                f"= cu_seq_lens_q[-1] and a multiple of sp={self.sp_size}, with position_ids; pass "
-                "MultimodalBatch.shard(sp_size, sp_rank).model_inputs()")
-        size = T // self.sp_size
-        kwargs["inputs_embeds"] = embeds.narrow(1, self.sp_rank * size, size)  # [1, T, H] -> [1, T/S, H]
-        kwargs["position_ids"] = kwargs["position_ids"].narrow(-1, self.sp_rank * size, size)  # [1, T/S]
+                f"= cu_seq_lens_q[-1] and a multiple of {self.plan.multiple} (sp={self.plan.size}"
+                + (f", ring={self.plan.ring}" if self.plan.ring > 1 else "") + "), with position_ids; pass "
+                "seqpack.parallel.shard_batch(row, sp_size, sp_rank, ring_size=...).model_inputs()")
+        cut = self.plan.cut(cu.tolist(), self.sp_rank, embeds.device)
+        kwargs["inputs_embeds"] = embeds[:, cut]  # [1, T, H] -> [1, T/S, H]
+        kwargs["position_ids"] = kwargs["position_ids"][..., cut]  # [1, T/S]
         return args, kwargs

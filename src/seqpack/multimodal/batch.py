@@ -26,6 +26,7 @@ import torch
 
 from ..batch import IGNORE_INDEX, PackedBatch, pack
 from ..data.sources import encode_chat
+from ..parallel.ring_split import SplitPlan
 
 
 @dataclass
@@ -36,7 +37,9 @@ class MultimodalBatch:
     pixel_values      [I, C, H_img, W_img] float, the row's images in sample order (None: no image in the row)
     images_per_sample n ints (a trailing pad segment has none)
     sp_size, sp_rank  S and this rank; the model still gets the WHOLE row (its image features are merged before
-                      the split, :mod:`seqpack.attention.multimodal`); ``shift_labels`` is this rank's slice
+                      the split, :mod:`seqpack.attention.multimodal`); ``shift_labels`` is this rank's share
+    ring_size         C of 2D sequence parallel (S = C ring x S/C Ulysses ranks); > 1: this rank's share is its
+                      chunks of the ring's balanced split (:mod:`seqpack.parallel.ring_split`), as for text rows
     """
 
     text: PackedBatch
@@ -44,6 +47,7 @@ class MultimodalBatch:
     images_per_sample: tuple
     sp_size: int = 1
     sp_rank: int = 0
+    ring_size: int = 1
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -67,10 +71,15 @@ class MultimodalBatch:
         return self.text.num_tokens // self.sp_size
 
     @property
+    def split(self) -> SplitPlan:
+        """How the row is split over the SP group (the language model's pre-hook cuts its embeddings the same way)."""
+        return SplitPlan(ring=self.ring_size, ulysses=self.sp_size // self.ring_size)
+
+    @property
     def shift_labels(self) -> torch.Tensor:
-        """[1, T/S] targets of this rank's slice (labels were shifted before the split)."""
-        size = self.num_tokens
-        return self.text.shift_labels[:, self.sp_rank * size:(self.sp_rank + 1) * size]
+        """[1, T/S] targets of this rank's tokens (labels were shifted before the split)."""
+        labels = self.text.shift_labels
+        return labels[:, self.split.cut(self.text.cu_seqlens.tolist(), self.sp_rank, labels.device)]
 
     @property
     def num_valid_targets(self) -> int:
@@ -95,22 +104,26 @@ class MultimodalBatch:
     def to(self, device) -> "MultimodalBatch":
         return self.map_tensors(lambda t: t.to(device))
 
-    def shard(self, sp_size: int, sp_rank: int, pad_token_id: int = 0) -> "MultimodalBatch":
-        """This rank's view for sequence parallel: the row padded to a multiple of ``sp_size`` (one dummy segment
-        with -100 labels) and ``shift_labels`` cut to slice ``sp_rank``. ``seqpack.parallel.shard_batch`` calls it."""
+    def shard(self, sp_size: int, sp_rank: int, pad_token_id: int = 0, ring_size: int = 1) -> "MultimodalBatch":
+        """This rank's view for sequence parallel: the row padded to a multiple of ``sp_size`` (with a ring: of
+        16 x ``sp_size``; one dummy segment with -100 labels) and ``shift_labels`` cut to rank ``sp_rank``'s
+        tokens, as :func:`seqpack.parallel.shard_batch` cuts a text row. ``shard_batch`` calls it."""
         from ..parallel.shard import pad_to_multiple
 
         if sp_size < 1 or not 0 <= sp_rank < sp_size:
             raise ValueError(f"invalid sequence parallel position sp_rank={sp_rank} of sp_size={sp_size}")
+        if ring_size < 1 or sp_size % ring_size:
+            raise ValueError(f"ring_size={ring_size} must be a positive divisor of sp_size={sp_size}")
         if self.sp_size != 1:
             raise ValueError("this MultimodalBatch is already sharded; shard the whole row")
         if self.text.num_tokens < sp_size:
             raise ValueError(f"sequence parallel degree sp={sp_size} is larger than the packed row "
                              f"({self.text.num_tokens} tokens); pack longer rows or use a smaller sp")
-        text = pad_to_multiple(self.text, sp_size, pad_token_id)
+        plan = SplitPlan(ring=ring_size, ulysses=sp_size // ring_size)
+        text = pad_to_multiple(self.text, plan.multiple, pad_token_id)
         extra = (0,) if text is not self.text else ()
         return replace(self, text=text, images_per_sample=tuple(self.images_per_sample) + extra,
-                       sp_size=sp_size, sp_rank=sp_rank)
+                       sp_size=sp_size, sp_rank=sp_rank, ring_size=ring_size)
 
 
 def load_image(image, where: str = "sample"):

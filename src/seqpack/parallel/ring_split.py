@@ -139,6 +139,23 @@ class SplitPlan:
     def multiple(self) -> int:
         return split_multiple(self.ring, self.ulysses)
 
+    @property
+    def size(self) -> int:
+        """S, the ranks of the SP group."""
+        return self.ring * self.ulysses
+
     def positions(self, cu, sp_rank: int) -> torch.Tensor:
         """Global positions [T/S] of logical SP rank ``sp_rank`` in a padded row with boundaries ``cu``."""
         return split_positions(cu, self.ring, self.ulysses, *divmod(sp_rank, self.ulysses))
+
+    def cut(self, cu, sp_rank: int, device=None) -> slice | torch.Tensor:
+        """The tokens of a padded row that logical SP rank ``sp_rank`` holds, as an index of the row's token
+        dimension (``x[:, cut]``): a slice of T/S tokens without a ring (a view), else :meth:`positions`."""
+        if self.ring == 1:
+            T = int(cu[-1])
+            if T % self.ulysses:
+                raise ValueError(f"row of {T} tokens is not a multiple of sp={self.ulysses}; pad it with "
+                                 "seqpack.parallel.pad_to_multiple first")
+            size = T // self.ulysses
+            return slice(sp_rank * size, (sp_rank + 1) * size)
+        return self.positions(cu, sp_rank).to(device)

@@ -104,13 +104,6 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
     logical rank ``ring_rank * (S/C) +
     ulysses_rank`` (``ParallelDims.sp_rank``).
     A :class:`~seqpack.multimodal.MultimodalBatch` shards itself (its images are merged before the split)."""
-    if not isinstance(batch, PackedBatch) and hasattr(batch, "shard"):
-        if ring_size != 1:
-            raise ValueError("ring attention (ring_size > 1) does not split multimodal rows yet; use Ulysses only "
-                             "(ring_size=1) for LLaVA-style models")
-        return batch.shard(sp_size, sp_rank, pad_token_id)  # a multimodal row: split after its image merge
-    if not isinstance(batch, PackedBatch):
-        raise TypeError(f"shard_batch needs a seqpack PackedBatch (seqpack.pack(...)), got {type(batch).__name__}")
     if sp_size < 1 or not 0 <= sp_rank < sp_size:
         raise ValueError(f"invalid sequence parallel position sp_rank={sp_rank} of sp_size={sp_size}; "
                          "need sp_size >= 1 and 0 <= sp_rank < sp_size")
@@ -118,16 +111,16 @@ def shard_batch(batch: PackedBatch, sp_size: int, sp_rank: int, pad_token_id: in
         ok = [d for d in range(1, sp_size + 1) if sp_size % d == 0]
         raise ValueError(f"ring_size={ring_size} must be a positive divisor of sp_size={sp_size} "
                          f"(sp = ring x ulysses); use ring_size in {ok}")
+    if not isinstance(batch, PackedBatch) and hasattr(batch, "shard"):
+        return batch.shard(sp_size, sp_rank, pad_token_id, ring_size)  # a multimodal row: split after its image merge
+    if not isinstance(batch, PackedBatch):
+        raise TypeError(f"shard_batch needs a seqpack PackedBatch (seqpack.pack(...)), got {type(batch).__name__}")
     if batch.num_tokens < sp_size:
         raise ValueError(f"sequence parallel degree sp={sp_size} is larger than the packed row ({batch.num_tokens} "
                          f"tokens); pack longer rows (seq_len x micro_bsz >= sp) or use sp <= {batch.num_tokens}")
     plan = SplitPlan(ring=ring_size, ulysses=sp_size // ring_size)
     full = pad_to_multiple(batch, plan.multiple, pad_token_id)
-    if ring_size == 1:
-        size = full.num_tokens // sp_size
-        cut = slice(sp_rank * size, (sp_rank + 1) * size)
-    else:
-        cut = plan.positions(full.cu_seqlens.tolist(), sp_rank).to(full.input_ids.device)
+    cut = plan.cut(full.cu_seqlens.tolist(), sp_rank, full.input_ids.device)
     return ShardedBatch(
         input_ids=full.input_ids[:, cut],
         shift_labels=full.shift_labels[:, cut],
