@@ -30,17 +30,19 @@ CASES = {
 }
 
 
-def _run_case(name, sp, heads, rows, group, seed):
+def _run_case(name, sp, heads, rows, group, seed, topo=None):
+    """One step of the rows on the SP ``group`` (``topo``: 2D sequence parallel, its Ulysses and ring groups)
+    against the unmodified model on each sample alone: loss and every gradient."""
     g = torch.Generator().manual_seed(seed)
     rows = [[sample(g, *s) for s in row] for row in rows]
     ref = tiny_flux(heads=heads, seed=seed)
-    model = install(copy.deepcopy(ref), sp_group=group)
+    model = install(copy.deepcopy(ref), **(topo.attention_groups() if topo else dict(sp_group=group)))
     count = sum(s.target.numel() for row in rows for s in row)
     ref_loss = sum(((reference(ref, s) - s.target) ** 2).sum() for row in rows for s in row) / count
     ref_loss.backward()
 
-    rank = dist.get_rank(group)
-    shards = [pack_flux(row, sp_size=sp, sp_rank=rank) for row in rows]
+    rank, ring = (topo.sp_rank, topo.ring_size) if topo else (dist.get_rank(group), 1)
+    shards = [pack_flux(row, sp_size=sp, sp_rank=rank, ring_size=ring) for row in rows]
     total = int(all_reduce_sum(torch.tensor(sum(loss_count(r) for r in shards)), group))
     assert total == count, f"{name}: global count {total} != {count}"
     local = 0.0

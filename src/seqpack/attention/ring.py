@@ -17,7 +17,10 @@ backward recomputes with the exact float32 math. The exact math works in tiles o
 key) pairs and skips tiles above the causal diagonal, so its memory does not grow with the document length.
 
 Supported: causal attention, sliding window, GQA (KV heads never repeated on the exact path), logit softcap (exact
-and flash-attn). Refused with a ValueError: attention dropout, ALiBi, non-causal attention.
+and flash-attn), and bidirectional attention within documents (``causal=False``, diffusion transformers' joint
+attention: no causal skip, the same merge and blockwise backward, on the split balanced for it:
+``split_positions(..., causal=False)``). Refused with a ValueError: attention dropout, ALiBi, a sliding window
+with bidirectional attention.
 
     >>> out = ring_attention(q, k, v, cu, spec, ring_group)   # q [T/C, H, D] -> [T/C, H, D]  # doctest: +SKIP
 """
@@ -38,9 +41,9 @@ def check_ring_spec(spec) -> None:
                          f"({spec.dropout}); set attention_dropout=0 or use Ulysses only (context_size=1)")
     if spec.alibi_slopes is not None:
         raise ValueError("ring attention (context_size > 1) does not support ALiBi biases; use Ulysses only")
-    if not spec.causal:
-        raise ValueError("ring attention (context_size > 1) runs causal attention only; use Ulysses for "
-                         "bidirectional attention")
+    if not spec.causal and spec.sliding_window is not None:
+        raise ValueError("ring attention (context_size > 1) runs bidirectional attention without a sliding window "
+                         f"only (sliding_window={spec.sliding_window}); use Ulysses only (context_size=1)")
 
 
 def _block_forward(q, kv, segs, spec, backend, out_acc, lse_acc):
@@ -59,7 +62,7 @@ def _block_forward(q, kv, segs, spec, backend, out_acc, lse_acc):
         assert diagonal[0].q0 == 0 and diagonal[-1].q1 == q.shape[0], "diagonal segments cover the local rows"
         cu = torch.tensor([s.q0 for s in diagonal] + [diagonal[-1].q1], dtype=torch.int32, device=q.device)
         longest = max(s.q1 - s.q0 for s in diagonal)
-        out, lse = kernel.with_lse(q, k, v, cu, cu, longest, longest, spec, causal=True)
+        out, lse = kernel.with_lse(q, k, v, cu, cu, longest, longest, spec, causal=spec.causal)
         merge_into(out_acc, lse_acc, slice(0, q.shape[0]), out.float(), lse)
     for seg in segs:
         if seg.diagonal:
@@ -87,7 +90,7 @@ class _RingAttention(torch.autograd.Function):
         for step in range(C):
             if step < C - 1:
                 ring.start([kv])  # the next block travels while this one is computed
-            segs = block_segments(cu, C, c, (c - step) % C, spec.sliding_window)
+            segs = block_segments(cu, C, c, (c - step) % C, spec.sliding_window, spec.causal)
             _block_forward(q, kv, segs, spec, backend, out_acc, lse_acc)
             if step < C - 1:
                 kv = ring.wait()[0]
@@ -105,7 +108,7 @@ class _RingAttention(torch.autograd.Function):
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # travels with its block
         ring = RingPass(group) if C > 1 else None
         for step in range(C):
-            for seg in block_segments(cu, C, c, (c - step) % C, spec.sliding_window):
+            for seg in block_segments(cu, C, c, (c - step) % C, spec.sliding_window, spec.causal):
                 for tile in tiles(seg, spec.sliding_window):
                     segment_backward(q, kv[0], kv[1], dout, out, lse, tile, spec.scale, spec.sliding_window,
                                      spec.softcap, dq, dkv[0], dkv[1])
@@ -115,9 +118,10 @@ class _RingAttention(torch.autograd.Function):
 
 
 def ring_attention(q, k, v, cu: list[int], spec, group, backend: str = "sdpa") -> torch.Tensor:
-    """Causal packed attention over the ring ``group``. q [T/C, H, D], k/v [T/C, Hkv, D] (this ring rank's
-    chunks, whole heads) -> [T/C, H, D] in the compute dtype; ``cu`` the GLOBAL boundaries 0 .. T (host list);
-    ``backend`` a resolved backend name (``"sdpa"`` = exact float32 math, or a kernel returning the LSE)."""
+    """Packed attention over the ring ``group``, causal or (``spec.causal=False``) bidirectional within
+    documents. q [T/C, H, D], k/v [T/C, Hkv, D] (this ring rank's chunks of the split balanced for that kind of
+    attention, whole heads) -> [T/C, H, D] in the compute dtype; ``cu`` the GLOBAL boundaries 0 .. T (host
+    list); ``backend`` a resolved backend name (``"sdpa"`` = exact float32 math, or a kernel returning the LSE)."""
     check_ring_spec(spec)
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")

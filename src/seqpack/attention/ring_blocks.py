@@ -12,6 +12,10 @@ chunks of one other rank. Chunks are disjoint ranges of the row, so for a (query
   one document can, so the pair is one dense rectangle (every key earlier than every query; with a sliding
   window, trimmed to the keys and queries the window connects) or nothing — skipped, never computed and masked.
 
+Bidirectional attention (``causal=False``, Flux's joint attention) drops the causal skip: a (query chunk, key
+chunk) pair is one dense rectangle per document holding tokens of both — again at most one document for two
+different chunks — with no mask inside it.
+
 A :class:`Segment` is one such piece in local row numbers: queries ``[q0, q1)`` against keys ``[k0, k1)``, with
 ``offset`` = global position of query q0 minus that of key k0. Query i sees key j iff ``0 <= i + offset - j``
 (and ``< W`` with a window W). The exact math computes in float32 whatever the input dtype and returns the
@@ -37,21 +41,25 @@ class Segment:
     k0: int
     k1: int
     offset: int  # global position of query q0 minus global position of key k0
-    diagonal: bool  # causal within one document (same rows for queries and keys)
+    diagonal: bool  # within one document, the same rows for queries and keys (causal: the causal triangle)
+    causal: bool = True  # False: every query sees every key of the segment (bidirectional attention)
 
 
 @functools.lru_cache(maxsize=256)
 def block_segments(cu: tuple[int, ...], ring: int, q_rank: int, kv_rank: int,
-                   window: int | None) -> tuple[Segment, ...]:
+                   window: int | None, causal: bool = True) -> tuple[Segment, ...]:
     """The segments ring rank ``q_rank`` computes against the key/value chunks of ``kv_rank`` (see the module
-    docstring); ``()`` when no local query document reaches that block."""
+    docstring); ``()`` when no local query document reaches that block. ``causal=False`` (no window):
+    bidirectional attention within documents, on the chunks of the split balanced for it."""
     out = []
-    q_chunks, k_chunks = ring_chunks(cu, ring, q_rank), ring_chunks(cu, ring, kv_rank)
+    q_chunks, k_chunks = ring_chunks(cu, ring, q_rank, causal), ring_chunks(cu, ring, kv_rank, causal)
     q_local = k_local = 0
     for qa, qb in q_chunks:
         k_local = 0
         for ka, kb in k_chunks:
-            if (qa, qb) == (ka, kb):
+            if not causal:
+                out += _bidirectional(cu, qa, qb, ka, kb, q_local, k_local)
+            elif (qa, qb) == (ka, kb):
                 first = bisect.bisect_right(cu, qa) - 1
                 for d in range(first, len(cu) - 1):
                     s, e = max(cu[d], qa), min(cu[d + 1], qb)
@@ -74,27 +82,44 @@ def block_segments(cu: tuple[int, ...], ring: int, q_rank: int, kv_rank: int,
     return tuple(out)
 
 
+def _bidirectional(cu, qa: int, qb: int, ka: int, kb: int, q_local: int, k_local: int) -> list[Segment]:
+    """Bidirectional segments of query chunk [qa, qb) against key chunk [ka, kb) (global ranges, local starts
+    ``q_local`` / ``k_local``): one dense rectangle per document that holds tokens of both — the documents
+    clipped to the chunk when it is the same chunk, at most one document (the one covering the gap) otherwise."""
+    out = []
+    d = bisect.bisect_right(cu, max(qa, ka)) - 1  # a document covering both starts at or before both starts
+    while d < len(cu) - 1 and cu[d] < min(qb, kb):
+        q0, q1, k0, k1 = max(cu[d], qa), min(cu[d + 1], qb), max(cu[d], ka), min(cu[d + 1], kb)
+        if q0 < q1 and k0 < k1:
+            out.append(Segment(q_local + q0 - qa, q_local + q1 - qa, k_local + k0 - ka, k_local + k1 - ka, q0 - k0,
+                               (qa, qb) == (ka, kb), causal=False))
+        d += 1
+    return out
+
+
 TILE = 512  # the exact path computes a segment in tiles of at most TILE x TILE (memory O(TILE^2), not O(L^2))
 
 
 def tiles(seg: Segment, window: int | None, size: int = TILE):
     """The sub-segments of at most ``size`` x ``size`` of ``seg`` that hold a visible (query, key) pair; tiles
-    wholly above the causal diagonal (or outside the window) are skipped. Merging their partial results by
-    log-sum-exp gives the segment's result exactly."""
+    wholly above the causal diagonal (or outside the window) are skipped (bidirectional: none is). Merging their
+    partial results by log-sum-exp gives the segment's result exactly."""
     for i0 in range(seg.q0, seg.q1, size):
         i1 = min(i0 + size, seg.q1)
         for j0 in range(seg.k0, seg.k1, size):
             j1 = min(j0 + size, seg.k1)
             offset = seg.offset + (i0 - seg.q0) - (j0 - seg.k0)  # global query i0 minus global key j0
-            if (i1 - i0 - 1) + offset < 0:  # the last query is before the first key
+            if seg.causal and (i1 - i0 - 1) + offset < 0:  # the last query is before the first key
                 continue
             if window is not None and offset - (j1 - j0 - 1) >= window:  # the first query is past every key
                 continue
-            yield Segment(i0, i1, j0, j1, offset, seg.diagonal and i0 - seg.q0 == j0 - seg.k0)
+            yield Segment(i0, i1, j0, j1, offset, seg.diagonal and i0 - seg.q0 == j0 - seg.k0, seg.causal)
 
 
-def _visible(seg: Segment, window: int | None, device) -> torch.Tensor:
-    """[Lq, Lk] bool: query i sees key j."""
+def _visible(seg: Segment, window: int | None, device) -> torch.Tensor | None:
+    """[Lq, Lk] bool: query i sees key j; None when every query sees every key (bidirectional)."""
+    if not seg.causal:
+        return None
     diff = (torch.arange(seg.q1 - seg.q0, device=device)[:, None] + seg.offset
             - torch.arange(seg.k1 - seg.k0, device=device)[None, :])
     mask = diff >= 0
@@ -119,7 +144,9 @@ def segment_forward(q, k, v, seg: Segment, scale: float, window: int | None, sof
     qs = q[seg.q0:seg.q1].float().unflatten(1, (Hkv, H // Hkv))  # [Lq, Hkv, g, D]
     ks, vs = k[seg.k0:seg.k1].float(), v[seg.k0:seg.k1].float()  # [Lk, Hkv, D]
     s, _ = _scores(qs, ks, scale, softcap)
-    s = s.masked_fill(~_visible(seg, window, q.device), -math.inf)
+    visible = _visible(seg, window, q.device)
+    if visible is not None:
+        s = s.masked_fill(~visible, -math.inf)
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, g, Lq]; -inf for a row of a tile that sees no key
     p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])  # such a row: 0
     out = torch.einsum("hgij,jhd->ihgd", p, vs).flatten(1, 2)  # [Lq, H, D]
@@ -138,7 +165,10 @@ def segment_backward(q, k, v, dout, out, lse, seg: Segment, scale: float, window
     do = dout[seg.q0:seg.q1].float().unflatten(1, (Hkv, g))  # [Lq, Hkv, g, D]
     s, t = _scores(qs, ks, scale, softcap)
     rows = lse[seg.q0:seg.q1].transpose(0, 1).unflatten(0, (Hkv, g))[..., None]  # [Hkv, g, Lq, 1]
-    p = torch.exp(s - rows).masked_fill(~_visible(seg, window, q.device), 0.0)
+    p = torch.exp(s - rows)
+    visible = _visible(seg, window, q.device)
+    if visible is not None:
+        p = p.masked_fill(~visible, 0.0)
     delta = (do * out[seg.q0:seg.q1].unflatten(1, (Hkv, g))).sum(-1)  # [Lq, Hkv, g]
     dv[seg.k0:seg.k1] += torch.einsum("hgij,ihgd->jhd", p, do)
     dp = torch.einsum("ihgd,jhd->hgij", do, vs)

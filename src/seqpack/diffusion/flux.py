@@ -10,7 +10,8 @@ Two pieces, no edits to diffusers' code:
   forward (batch rows = samples) it is a drop-in for ``FluxAttnProcessor``. Given a packed row (``packed=``
   :class:`~seqpack.diffusion.packing.FluxRow`) it interleaves the two streams into the joint order
   ``[txt_i; img_i]`` per sample, attends within samples by ``cu_seqlens``, and with an SP group wraps the kernel
-  in the Ulysses all-to-all (:func:`seqpack.parallel.ulysses_attention`, any head count).
+  in the Ulysses all-to-all (:func:`seqpack.parallel.ulysses_attention`, any head count); with a ring group (2D
+  sequence parallel) the kernel is seqpack's bidirectional ring attention (:mod:`seqpack.attention.ring`).
 - :func:`packed_forward` — the model's forward over a packed row. diffusers' blocks broadcast one timestep
   embedding over a whole batch row (``gate[:, None]``), which a packed row of samples at different timesteps
   cannot use, so this walks the model's own submodules (the same weights and layers) with the AdaLN modulation
@@ -26,18 +27,24 @@ from __future__ import annotations
 
 import torch
 
+import functools
+
+from ..attention.backends import compute_dtype, resolve_backend
 from ..attention.kernels import AttnSpec, varlen_attention
+from ..attention.ring import ring_attention
 from ..parallel.comm import group_size
 from ..parallel.heads import ulysses_attention
 from .packing import FluxRow
 
 
 class SeqpackFluxAttnProcessor:
-    """diffusers attention processor for ``FluxAttention``: seqpack's varlen kernel, packed rows, Ulysses SP."""
+    """diffusers attention processor for ``FluxAttention``: seqpack's varlen kernel, packed rows, Ulysses SP
+    over ``sp_group`` and ring attention over ``ring_group`` (2D: ``topo.ulysses_group``, ``topo.ring_group``)."""
 
-    def __init__(self, backend: str = "auto", sp_group=None):
+    def __init__(self, backend: str = "auto", sp_group=None, ring_group=None):
         self.backend = backend
         self.sp_group = sp_group if group_size(sp_group) > 1 else None
+        self.ring_group = ring_group if group_size(ring_group) > 1 else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None,
                  packed: FluxRow | None = None):
@@ -76,17 +83,21 @@ class SeqpackFluxAttnProcessor:
         spec = AttnSpec(scale=q.shape[-1] ** -0.5, causal=False)
         B, L = q.shape[:2]
         if packed is None:
-            if self.sp_group is not None:
+            if self.sp_group is not None or self.ring_group is not None:
                 raise ValueError("sequence parallel Flux needs packed rows: use seqpack.diffusion.packed_forward")
             cu = list(range(0, B * L + 1, L))  # every batch row is one sample
             out = varlen_attention(*(x.reshape(B * L, *x.shape[2:]) for x in (q, k, v)), cu, L, spec, self.backend)
             return out.reshape(B, L, *out.shape[1:])
         cu, longest = packed.cu_seqlens, packed.max_seqlen
         q, k, v = q[0], k[0], v[0]  # [tj, N, D]
+        if self.ring_group is not None:  # 2D: this ring rank's chunks, keys/values travel around the ring
+            backend = resolve_backend(self.backend, q.device, spec, compute_dtype(q), q.shape[-1])
+            attn = functools.partial(ring_attention, cu=cu, spec=spec, group=self.ring_group, backend=backend)
+        else:
+            attn = functools.partial(varlen_attention, cu=cu, max_seqlen=longest, spec=spec, backend=self.backend)
         if self.sp_group is None:
-            return varlen_attention(q, k, v, cu, longest, spec, self.backend)[None]
-        return ulysses_attention(q, k, v, self.sp_group, lambda q, k, v: varlen_attention(
-            q, k, v, cu, longest, spec, self.backend))[None]  # [tj, N, D] -> all-to-all -> [Tj, N/S, D] -> back
+            return attn(q, k, v)[None]
+        return ulysses_attention(q, k, v, self.sp_group, attn)[None]  # [tj, N, D] -> [tj*U, N/U, D] -> back
 
 
 def _heads(attn, x: torch.Tensor) -> torch.Tensor:
@@ -100,11 +111,13 @@ def _rotary(x: torch.Tensor, freqs) -> torch.Tensor:
     return apply_rotary_emb(x, freqs, sequence_dim=1)
 
 
-def install(model, backend: str = "auto", sp_group=None):
-    """Set :class:`SeqpackFluxAttnProcessor` on every attention module of ``model``; returns the model."""
+def install(model, backend: str = "auto", sp_group=None, ring_group=None):
+    """Set :class:`SeqpackFluxAttnProcessor` on every attention module of ``model``; returns the model.
+    ``sp_group``: Ulysses over the packed joint row; with ``ring_group`` too: 2D sequence parallel (rows from
+    ``pack_flux(samples, S, sp_rank, ring_size=C)``)."""
     if type(model).__name__ != "FluxTransformer2DModel" and not hasattr(model, "single_transformer_blocks"):
         raise TypeError(f"{type(model).__name__} is not a diffusers FluxTransformer2DModel")
-    model.set_attn_processor(SeqpackFluxAttnProcessor(backend, sp_group))
+    model.set_attn_processor(SeqpackFluxAttnProcessor(backend, sp_group, ring_group))
     return model
 
 

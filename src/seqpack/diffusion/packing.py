@@ -12,11 +12,13 @@ and keeps two *streams* for the double-stream blocks, which use separate weights
 
     text stream:  [txt_0 | txt_1 | ...]            image stream:  [img_0 | img_1 | ... | pad]
 
-The joint order restricted to text (image) tokens is the text (image) stream order, so a contiguous slice of the
-joint row is a contiguous slice of each stream. With sequence parallel each rank holds the joint slice
-``[r*Tj/S, (r+1)*Tj/S)`` and the matching stream slices; ``perm`` maps the local joint order onto
-``cat([local text stream, local image stream])``. The row is padded to a multiple of S with one dummy image
-segment (zero inputs, its own cu_seqlens entry, no loss), never by splitting a sample's attention.
+The joint order restricted to text (image) tokens is the text (image) stream order, so a set of joint positions in
+row order is a set of positions of each stream in stream order. With sequence parallel each rank holds the joint
+slice ``[r*Tj/S, (r+1)*Tj/S)`` (with a ring, ``ring_size`` C > 1: its chunks of the ring's split balanced for
+bidirectional attention, :mod:`seqpack.parallel.ring_split`) and the matching stream tokens; ``perm`` maps the
+local joint order onto ``cat([local text stream, local image stream])``. The row is padded to a multiple of S
+(with a ring: of 16 x S) with one dummy image segment (zero inputs, its own cu_seqlens entry, no loss), never by
+splitting a sample's attention.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ..parallel.ring_split import SplitPlan
 
 
 @dataclass
@@ -79,6 +83,7 @@ class FluxRow:
     img_valid: torch.Tensor  # [ti] bool: False on padding
     sp_size: int = 1
     sp_rank: int = 0
+    ring_size: int = 1  # C of 2D sequence parallel (S = C ring x S/C Ulysses ranks)
 
     @property
     def num_samples(self) -> int:
@@ -98,8 +103,9 @@ class FluxRow:
         return FluxRow(**moved)
 
 
-def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> FluxRow:
-    """Pack samples into one joint row and return rank ``sp_rank``'s slice of it (see the module docstring).
+def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0, ring_size: int = 1) -> FluxRow:
+    """Pack samples into one joint row and return rank ``sp_rank``'s share of it (see the module docstring);
+    ``ring_size`` C > 1: 2D sequence parallel, ``sp_rank`` the logical rank ``ring_rank * (S/C) + ulysses_rank``.
 
         >>> s = lambda li, lt: FluxSample(torch.zeros(li, 4), torch.zeros(lt, 8), torch.zeros(2),
         ...                               torch.zeros(li, 3), torch.zeros(lt, 3))
@@ -111,6 +117,10 @@ def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> 
         raise ValueError("pack_flux: empty sample list")
     if sp_size < 1 or not 0 <= sp_rank < sp_size:
         raise ValueError(f"pack_flux: sp_rank={sp_rank} must lie in 0..sp_size-1 (sp_size={sp_size})")
+    if ring_size < 1 or sp_size % ring_size:
+        raise ValueError(f"pack_flux: ring_size={ring_size} must be a positive divisor of sp_size={sp_size} "
+                         "(sp = ring x ulysses)")
+    plan = SplitPlan(ring=ring_size, ulysses=sp_size // ring_size, causal=False)  # joint attention: bidirectional
     ref = samples[0]
     for i, s in enumerate(samples):
         for name, x, cols in (("img", s.img, ref.img.shape[1]), ("txt", s.txt, ref.txt.shape[1]),
@@ -134,7 +144,7 @@ def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> 
     cu = [0]
     for lt, li in zip(txt_lens, img_lens):
         cu.append(cu[-1] + lt + li)
-    pad = -cu[-1] % sp_size
+    pad = -cu[-1] % plan.multiple
     if pad:
         cu.append(cu[-1] + pad)
     Tj, Tt = cu[-1], sum(txt_lens)
@@ -145,11 +155,10 @@ def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> 
         t0, i0 = t0 + lt, i0 + li
     order += list(range(i0, i0 + pad))
     order = torch.tensor(order)
-    lo, hi = sp_rank * Tj // sp_size, (sp_rank + 1) * Tj // sp_size
-    local = order[lo:hi]
+    local = order[plan.cut(cu, sp_rank)]  # [tj] this rank's joint tokens, in row order
     is_txt = local < Tt
-    txt_idx, img_idx = local[is_txt], local[~is_txt] - Tt  # contiguous ranges of each stream
-    perm = torch.empty(hi - lo, dtype=torch.long)
+    txt_idx, img_idx = local[is_txt], local[~is_txt] - Tt  # increasing positions of each stream
+    perm = torch.empty(len(local), dtype=torch.long)
     perm[is_txt.nonzero().reshape(-1)] = torch.arange(len(txt_idx))
     perm[(~is_txt).nonzero().reshape(-1)] = len(txt_idx) + torch.arange(len(img_idx))
     # perm[j] = position of local joint token j in cat([txt_local, img_local])
@@ -171,7 +180,7 @@ def pack_flux(samples: list[FluxSample], sp_size: int = 1, sp_rank: int = 0) -> 
         guidance=None if ref.guidance is None else torch.tensor([float(s.guidance) for s in samples]),
         cu_seqlens=cu, img_lens=img_lens,
         target=None if ref.target is None else stream([s.target for s in samples], pad, img_idx)[None],
-        img_valid=sample_of_img[img_idx] < n, sp_size=sp_size, sp_rank=sp_rank,
+        img_valid=sample_of_img[img_idx] < n, sp_size=sp_size, sp_rank=sp_rank, ring_size=ring_size,
     )
 
 

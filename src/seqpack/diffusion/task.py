@@ -70,14 +70,13 @@ def build_flux(cfg, in_channels: int, text_dim: int, pooled_dim: int, topo):
             num_attention_heads=m.num_attention_heads, joint_attention_dim=text_dim, pooled_projection_dim=pooled_dim,
             guidance_embeds=False, axes_dims_rope=rope_axes(head_dim))
     model = model.float().to(topo.device).train()
-    if getattr(topo, "ring_size", 1) > 1:
-        raise ValueError("parallel.sequence_2D.enable=True is not available for diffusion transformers (their joint "
-                         "attention is bidirectional); use parallel.tensor=dict(size=S, mode='isp')")
-    if topo.sp_size > 1:
+    ulysses = getattr(topo, "ulysses_size", topo.sp_size)  # 2D: the heads are split over the Ulysses ranks only
+    if ulysses > 1:
         from ..parallel.heads import plan_heads
 
-        plan_heads(model.config.num_attention_heads, model.config.num_attention_heads, topo.sp_size)
-    return install(model, backend=m.attn_backend, sp_group=topo.sp_group)
+        plan_heads(model.config.num_attention_heads, model.config.num_attention_heads, ulysses)
+    groups = topo.attention_groups() if hasattr(topo, "attention_groups") else dict(sp_group=topo.sp_group)
+    return install(model, backend=m.attn_backend, **groups)
 
 
 def build_data(cfg, topo) -> FluxLoader:
@@ -108,8 +107,8 @@ class Flux:
         return RunParts(None, model, loader, n_params, n_params)
 
     def prepare(self, rows: list, topo) -> list:
-        """This rank's slice of each packed joint row (``pack_flux``), on the host."""
-        return [pack_flux(row, topo.sp_size, topo.sp_rank) for row in rows]
+        """This rank's share of each packed joint row (``pack_flux``), on the host."""
+        return [pack_flux(row, topo.sp_size, topo.sp_rank, getattr(topo, "ring_size", 1)) for row in rows]
 
     def begin(self, cfg, parts: RunParts, topo, run_dir: Path, start_step: int) -> None:
         """A new run draws the sample grid of the initial weights (``samples_step000000.png``)."""
@@ -144,7 +143,9 @@ class Flux:
 
     def describe(self, cfg, parts: RunParts, topo, run_dir: Path, peak) -> str:
         return (f"seqpack train (flux): {run_dir}  FluxTransformer2DModel {parts.params / 1e6:.2f}M params  "
-                f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size})  {len(parts.loader.dataset)} images, "
+                f"world={topo.world_size} (dp={topo.dp_size}, sp={topo.sp_size}"
+                + (f" = {topo.ring_size} ring x {topo.ulysses_size} ulysses" if getattr(topo, "ring_size", 1) > 1
+                   else "") + f")  {len(parts.loader.dataset)} images, "
                 f"rows of <= {parts.loader.row_tokens} tokens")
 
     def export(self, cfg, parts: RunParts, run_dir: Path) -> Path:

@@ -42,13 +42,17 @@ def split_multiple(ring: int, ulysses: int) -> int:
     return ulysses if ring == 1 else CHUNKS_PER_RANK * ring * ulysses
 
 
-def _pairs(n0: int, n1: int) -> int:
-    """Keys seen by queries at document positions n0 .. n1-1 (causal): sum of (p + 1)."""
+def _pairs(n0: int, n1: int, length: int | None = None) -> int:
+    """Keys seen by queries at document positions n0 .. n1-1: sum of (p + 1) (causal), or (n1 - n0) x the
+    document ``length`` (bidirectional: every query sees the whole document)."""
+    if length is not None:
+        return (n1 - n0) * length
     return (n1 * (n1 + 1) - n0 * (n0 + 1)) // 2
 
 
-def chunk_work(cu: tuple[int, ...], num_chunks: int) -> list[int]:
-    """Causal query-key pairs of the queries of each of ``num_chunks`` equal chunks of the row."""
+def chunk_work(cu: tuple[int, ...], num_chunks: int, causal: bool = True) -> list[int]:
+    """Query-key pairs (causal, or bidirectional within documents) of the queries of each of ``num_chunks``
+    equal chunks of the row."""
     T = cu[-1]
     L = T // num_chunks
     work = []
@@ -56,17 +60,18 @@ def chunk_work(cu: tuple[int, ...], num_chunks: int) -> list[int]:
         a, b = i * L, (i + 1) * L
         total, d = 0, bisect.bisect_right(cu, a) - 1
         while d < len(cu) - 1 and cu[d] < b:
-            total += _pairs(max(cu[d], a) - cu[d], min(cu[d + 1], b) - cu[d])
+            total += _pairs(max(cu[d], a) - cu[d], min(cu[d + 1], b) - cu[d],
+                            None if causal else cu[d + 1] - cu[d])
             d += 1
         work.append(total)
     return work
 
 
 @functools.lru_cache(maxsize=64)
-def assignment(cu: tuple[int, ...], ring: int) -> tuple[tuple[int, ...], ...]:
+def assignment(cu: tuple[int, ...], ring: int, causal: bool = True) -> tuple[tuple[int, ...], ...]:
     """The chunk indices each ring rank holds (sorted), balanced by attention work (module docstring)."""
     m = CHUNKS_PER_RANK
-    work = chunk_work(cu, m * ring)
+    work = chunk_work(cu, m * ring, causal)
     load, owned = [0] * ring, [[] for _ in range(ring)]
     for i in sorted(range(len(work)), key=lambda i: (-work[i], i)):
         r = min((r for r in range(ring) if len(owned[r]) < m), key=lambda r: (load[r], r))
@@ -76,8 +81,9 @@ def assignment(cu: tuple[int, ...], ring: int) -> tuple[tuple[int, ...], ...]:
 
 
 @functools.lru_cache(maxsize=256)
-def ring_chunks(cu: tuple[int, ...], ring: int, ring_rank: int) -> tuple[tuple[int, int], ...]:
-    """The global [start, end) ranges ring rank c holds, in local (row) order, adjacent chunks merged."""
+def ring_chunks(cu: tuple[int, ...], ring: int, ring_rank: int, causal: bool = True) -> tuple[tuple[int, int], ...]:
+    """The global [start, end) ranges ring rank c holds, in local (row) order, adjacent chunks merged;
+    ``causal=False``: balanced for bidirectional attention within documents."""
     T = cu[-1]
     if ring == 1:
         return ((0, T),)
@@ -86,7 +92,7 @@ def ring_chunks(cu: tuple[int, ...], ring: int, ring_rank: int) -> tuple[tuple[i
                          "with seqpack.parallel.pad_to_multiple first")
     L = T // (CHUNKS_PER_RANK * ring)
     ranges: list[list[int]] = []
-    for i in assignment(tuple(cu), ring)[ring_rank]:
+    for i in assignment(tuple(cu), ring, causal)[ring_rank]:
         if ranges and ranges[-1][1] == i * L:
             ranges[-1][1] += L
         else:
@@ -94,32 +100,34 @@ def ring_chunks(cu: tuple[int, ...], ring: int, ring_rank: int) -> tuple[tuple[i
     return tuple(tuple(r) for r in ranges)
 
 
-def split_positions(cu, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int = 0) -> torch.Tensor:
+def split_positions(cu, ring: int, ulysses: int, ring_rank: int, ulysses_rank: int = 0,
+                    causal: bool = True) -> torch.Tensor:
     """Global token positions [T/S] int64 of SP rank (ring_rank, ulysses_rank), in the order the rank holds them;
-    ``cu`` the boundaries of the padded row (list, tuple or tensor)."""
+    ``cu`` the boundaries of the padded row (list, tuple or tensor); ``causal=False``: the split balanced for
+    bidirectional attention."""
     cu = tuple(cu.tolist() if isinstance(cu, torch.Tensor) else cu)
     T = cu[-1]
     if T % split_multiple(ring, ulysses):
         raise ValueError(f"row of {T} tokens is not a multiple of {split_multiple(ring, ulysses)} (ring={ring}, "
                          f"ulysses={ulysses}); pad it with seqpack.parallel.pad_to_multiple first")
-    ring_tokens = torch.cat([torch.arange(a, b) for a, b in ring_chunks(cu, ring, ring_rank)])  # [T/C]
+    ring_tokens = torch.cat([torch.arange(a, b) for a, b in ring_chunks(cu, ring, ring_rank, causal)])  # [T/C]
     size = ring_tokens.numel() // ulysses
     return ring_tokens[ulysses_rank * size:(ulysses_rank + 1) * size]
 
 
-def attention_work(cu, ring: int, zigzag: bool = False) -> list[int]:
-    """Causal query-key pairs (∝ attention FLOPs) each ring rank computes on a row with boundaries ``cu`` (T a
-    multiple of m × C); ``zigzag=True``: under the zigzag split instead, for comparison.
+def attention_work(cu, ring: int, zigzag: bool = False, causal: bool = True) -> list[int]:
+    """Causal (``causal=False``: bidirectional) query-key pairs (∝ attention FLOPs) each ring rank computes on a
+    row with boundaries ``cu`` (T a multiple of m × C); ``zigzag=True``: under the zigzag split instead.
 
         >>> attention_work((0, 64), ring=2), attention_work((0, 64), ring=2, zigzag=True)
         ([1040, 1040], [1040, 1040])
     """
     cu = tuple(cu)
     if zigzag:
-        work = chunk_work(cu, 2 * ring)
+        work = chunk_work(cu, 2 * ring, causal)
         return [work[c] + work[2 * ring - 1 - c] for c in range(ring)]
-    work = chunk_work(cu, CHUNKS_PER_RANK * ring)
-    return [sum(work[i] for i in owned) for owned in assignment(cu, ring)]
+    work = chunk_work(cu, CHUNKS_PER_RANK * ring, causal)
+    return [sum(work[i] for i in owned) for owned in assignment(cu, ring, causal)]
 
 
 def imbalance(work: list[int]) -> float:
@@ -130,10 +138,10 @@ def imbalance(work: list[int]) -> float:
 
 class SplitPlan:
     """Degrees of one SP group: ``ring`` × ``ulysses`` ranks; the logical SP rank is ``ring_rank * ulysses +
-    ulysses_rank``."""
+    ulysses_rank``. ``causal=False``: the ring's chunks are balanced for bidirectional attention (Flux)."""
 
-    def __init__(self, ring: int = 1, ulysses: int = 1):
-        self.ring, self.ulysses = ring, ulysses
+    def __init__(self, ring: int = 1, ulysses: int = 1, causal: bool = True):
+        self.ring, self.ulysses, self.causal = ring, ulysses, causal
 
     @property
     def multiple(self) -> int:
@@ -146,7 +154,7 @@ class SplitPlan:
 
     def positions(self, cu, sp_rank: int) -> torch.Tensor:
         """Global positions [T/S] of logical SP rank ``sp_rank`` in a padded row with boundaries ``cu``."""
-        return split_positions(cu, self.ring, self.ulysses, *divmod(sp_rank, self.ulysses))
+        return split_positions(cu, self.ring, self.ulysses, *divmod(sp_rank, self.ulysses), causal=self.causal)
 
     def cut(self, cu, sp_rank: int, device=None) -> slice | torch.Tensor:
         """The tokens of a padded row that logical SP rank ``sp_rank`` holds, as an index of the row's token
