@@ -4,8 +4,11 @@ One gloo world of 4 spawned ranks: 2 Ulysses x 2 ring, and ring only (C = 2, two
 same rows), head counts divisible and not divisible by the Ulysses degree; loss and every gradient against the
 unmodified diffusers model on each sample alone. Then bidirectional ring attention alone on the ring group, on
 the exact path and through the stand-ins of flash-attn / torch ``varlen_attn`` (their ``causal=False`` calls),
-against seqpack's unsharded non-causal per-document kernel.
+against seqpack's unsharded non-causal per-document kernel. Last, ``seqpack train`` of the Flux demo with
+``parallel.sequence_2D`` (2 x 2) logs the losses of a one-process run.
 """
+
+import json
 
 import torch
 import torch.distributed as dist
@@ -18,9 +21,16 @@ from seqpack.attention.ring import ring_attention
 from seqpack.diffusion import pack_flux
 from seqpack.parallel import init_topology
 from seqpack.parallel.ring_split import CHUNKS_PER_RANK, split_positions
+from seqpack.tasks import train
+from seqpack.train import load_config
 
 from flux_helpers import sample
 from test_flux_sp import _run_case
+from test_flux_train import TINY
+
+TRAIN = TINY + ["--lr_scheduler.total_steps", "2", "--ckpt.checkpoint_every", "100"]
+SEQUENCE_2D = ["--parallel.tensor.size", "4", "--parallel.sequence_2D.enable", "True",
+               "--parallel.sequence_2D.head_size", "2", "--parallel.sequence_2D.context_size", "2"]
 
 # name -> (sp, ring, heads, rows of (h, w, text tokens, timestep))
 CASES = {
@@ -62,7 +72,7 @@ def _ring_kernel_case(topo, seed):
         assert stand_in.CALLS and not any(c.get("causal") or c.get("is_causal") for c in stand_in.CALLS)
 
 
-def _worker(rank, world, port):
+def _worker(rank, world, port, run_dir):
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -88,6 +98,8 @@ def _worker(rank, world, port):
         got = torch.cat([shard.txt_ids, shard.img_ids])[shard.perm]
         assert torch.equal(got[real], joint_ids[want[real]])
         _ring_kernel_case(topos[2], 40 + topo.dp_rank)
+        dist.barrier()
+        train(load_config(None, TRAIN + SEQUENCE_2D + ["--train.run_dir", run_dir]))  # adopts this process group
     finally:
         topo.destroy()
 
@@ -100,5 +112,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_flux_ulysses_x_ring_equals_single_process():
-    mp.spawn(_worker, args=(4, _free_port()), nprocs=4, join=True)
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_flux_ulysses_x_ring_equals_single_process(tmp_path):
+    mp.spawn(_worker, args=(4, _free_port(), str(tmp_path / "2d")), nprocs=4, join=True)
+    train(load_config(None, TRAIN + ["--train.run_dir", str(tmp_path / "one")]))
+    got, want = _losses(tmp_path / "2d"), _losses(tmp_path / "one")
+    assert len(got) == len(want) == 2
+    assert all(abs(a - b) <= 1e-5 * abs(b) for a, b in zip(got, want)), (got, want)
