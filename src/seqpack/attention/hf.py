@@ -180,7 +180,8 @@ def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
     Before it returns, the packing probe (:mod:`seqpack.attention.probe`) checks on two tiny packed documents that
     they stay apart; ValueError naming the model otherwise (its attention is restored).
     2D sequence parallel: ``sp_group`` is the Ulysses (head) group and ``ring_group`` the ring (context) group,
-    as ``ParallelDims`` gives them (``topo.ulysses_group``, ``topo.ring_group``).
+    as ``ParallelDims`` gives them (``topo.ulysses_group``, ``topo.ring_group``); a LLaVA then keeps each rank's
+    chunks of the ring split of its merged embeddings.
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
