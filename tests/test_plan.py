@@ -57,6 +57,57 @@ def test_saved_activations_match_autograd_exactly(model_type, dtype, extra):
         parts["held_activations"] + parts["autocast_casts"] + log_softmax_out  # 4: the loss scalar
 
 
+@pytest.mark.parametrize("model_type,dtype,extra,tiled", [
+    ("llama", torch.bfloat16, {}, False), ("llama", torch.float32, {}, False), ("llama", "autocast", {}, False),
+    ("qwen3", torch.bfloat16, {"head_dim": 16}, False), ("llama", torch.bfloat16, {}, True)])
+def test_saved_activations_with_liger_kernels_match_autograd_exactly(monkeypatch, model_type, dtype, extra, tiled):
+    """With Liger's RMSNorm, SwiGLU and RoPE swapped in (their own autograd Functions, the Triton launchers run in
+    torch: tests/stand_in_kernels.py), every tensor kept for backward is counted; the fused model still gives the
+    unfused model's loss and gradients."""
+    pytest.importorskip("liger_kernel")
+    from stand_in_kernels import install_liger_torch_kernels
+
+    from seqpack.ops import apply_fused_kernels, apply_tiled_mlp
+
+    install_liger_torch_kernels(monkeypatch)
+    T = 192
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T, **extra)
+    autocast = dtype == "autocast"
+    models = []
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg).to(torch.float32 if autocast else dtype))
+        if fuse:
+            kernels = apply_fused_kernels(model, True, torch.device("cuda"))  # the device check passes
+            assert kernels.swapped == {"rms_norm": 5 + (4 if extra else 0), "mlp": 2, "rope": 2}
+        if tiled:
+            apply_tiled_mlp(model, 64)
+        models.append(model.train())
+    precision = "bf16-autocast" if autocast else "fp32" if dtype == torch.float32 else "bf16"
+    opts = PlanOptions(T, checkpoint=0.0, precision=precision, device="cpu", optimizer="none", tiled_mlp=tiled,
+                       mlp_tile=64)
+    log_softmax_out = 4 * 256 * T
+    for model, fuse in zip(models, (False, True)):
+        parts = plan_memory(shape_from_hf_config(cfg), replace(opts, fused_kernels=fuse)).phase_components
+        assert _saved_activation_bytes(model, T, autocast) - 4 == parts["loss backward"]["held_activations"] + \
+            parts["loss backward"]["autocast_casts"] + log_softmax_out, fuse
+    plain, fused = (layer_saved_bytes(shape_from_hf_config(cfg), replace(opts, fused_kernels=f)) for f in (0, 1))
+    assert fused["norms"] < plain["norms"] and (fused["mlp"] < plain["mlp"] or tiled)
+
+    batch = seqpack.pack([list(range(3, 90)), list(range(100, 205))])  # positions restart
+    losses = []
+    for model in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**batch.model_inputs()).logits
+        losses.append(seqpack.causal_lm_loss(logits, batch))
+        losses[-1].backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(losses[1].item() - losses[0].item()) <= tol * losses[0].item()
+    for (name, p), q in zip(models[1].named_parameters(), models[0].parameters()):
+        assert float((p.grad.float() - q.grad.float()).norm()) <= 10 * tol * float(q.grad.float().norm()) + 1e-6, name
+
+
 @pytest.mark.parametrize("T,checkpoint,kv_repeat,measured_gib,tol", [
     (16384, 1.0, False, 9.6, 0.02), (65536, 1.0, False, 32.1, 0.02), (131072, 1.0, False, 62.0, 0.02),
     (16384, 0.0, True, 39.9, 0.02),  # torch 2.11's varlen_attn had no enable_gqa: k, v repeated to 32 heads
