@@ -223,7 +223,11 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
     assert result["longest"]["8:ring2"]["options"]["ring"] == 2
     assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "2", "--seq_len", "131072",
                  "--tiled-mlp", "--chunked-loss"]) == 0
-    assert "sp=8 dp=1 (ring 2 x ulysses 4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sp=8 dp=1 (ring 2 x ulysses 4)" in out and "fused kernels" in out
+    assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--seq_len", "131072", "--no-fused-kernels",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["options"]["fused_kernels"] is False
     shape = shape_from_hf_config(AutoConfig.from_pretrained(tmp_path))
     assert plan_memory(shape, PlanOptions(1000, gpus=8, sp=8, ring=2)).local_tokens == 1024 // 8  # 16 chunks/rank
     assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "3"]) == 2
@@ -285,9 +289,15 @@ def test_plan_defaults_are_seqpack_train_defaults(tmp_path):
     assert (opts.chunked_loss, opts.loss_chunk, opts.checkpoint, opts.micro_num, opts.precision, opts.tiled_mlp,
             opts.offload_checkpoints, opts.offload_optimizer) == (True, 1024, 0.0, 2, "bf16-mixed", False, False, False)
     assert options_from(_plan_args(folder, "--device", "cpu"), cfg).precision == "fp32"
+    from seqpack.ops.fused import liger_available  # model.fused_kernels "auto": Liger on CUDA when installed
+
+    assert opts.fused_kernels is liger_available()
+    assert options_from(_plan_args(folder, "--device", "cpu"), cfg).fused_kernels is False
+    assert options_from(_plan_args(folder, "--no-fused-kernels"), cfg).fused_kernels is False
+    assert options_from(_plan_args(folder, "--device", "cpu", "--fused-kernels"), cfg).fused_kernels is True
     evo = tmp_path / "evo.py"
     evo.write_text("model = dict(checkpoint=True, mixed_precision='autocast', offload_checkpoints=True, "
-                   "tiled_mlp=512)\nloss = dict(chunked=False)\nhybrid_zero_optimizer = dict(cpu_offload=True)\n"
+                   "tiled_mlp=512, fused_kernels=False)\nloss = dict(chunked=False)\nhybrid_zero_optimizer = dict(cpu_offload=True)\n"
                    "data = dict(seq_len=2048, micro_bsz=2, micro_num=1)\n")
     shape, cfg = load_shape(evo)
     opts = options_from(_plan_args(evo), cfg)
@@ -295,6 +305,7 @@ def test_plan_defaults_are_seqpack_train_defaults(tmp_path):
             opts.offload_checkpoints, opts.offload_optimizer, opts.micro_num) == \
         (4096, 1.0, "bf16-autocast", False, True, 512, True, True, 1)
     assert options_from(_plan_args(evo, "--device", "cpu"), cfg).precision == "bf16-autocast"  # asked for: CPU too
+    assert opts.fused_kernels is False  # the config's model.fused_kernels
     assert options_from(_plan_args(evo, "--no-offload-optimizer", "--precision", "fp32"), cfg).offload_optimizer \
         is False
 

@@ -263,12 +263,13 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     # FSDP2 reduces a bf16 gradient in fp32: one fp32 copy of the layer's gradients while it reduce-scatters
     reduce_copy = P_layer * 4 if sharded and m != p else 0
 
-    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head) -> int:
+    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head, root_reduced: bool = False) -> int:
         """Gradient bytes once the head, final norm and ``done_params`` more have their gradients; under FSDP2 the
-        root's unsharded gradients wait for its reduce-scatter at the end of backward, a layer's for its own."""
+        root's unsharded gradients wait for its reduce-scatter at the end of backward (``root_reduced``: its
+        reduced shards exist too), a layer's for its own."""
         if not sharded:
             return max(resident_grads, (P_head + h + done_params) * p)
-        reduced = 0 if on_host else (P_head + h + done_params) * m // W
+        reduced = 0 if on_host else ((P_head + h if root_reduced else 0) + done_params) * m // W
         return resident_grads + reduced + root_unsharded * p + \
             ((P_layer * p + reduce_copy) if current_layer else 0)
 
@@ -333,7 +334,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
             autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
     phases["embedding backward"] = dict(
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
-                              shape.root_params), held_activations=t * s * h, layer_working=0,
+                              shape.root_params, root_reduced=True), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, ring_buffers=0, autocast_casts=0)
     if opts.optimizer == "adamw" and not opts.offload_optimizer:
         # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
