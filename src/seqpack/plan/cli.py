@@ -10,7 +10,8 @@
 The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
 .py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on
 GPUs (float32 on --device cpu), the chunked loss (1024 tokens per chunk), no activation checkpointing, two
-micro-batches per step, AdamW on the GPU — with a packed row of 8192 tokens when no config gives one.
+micro-batches per step, AdamW on the GPU, Liger's fused kernels on GPUs when liger-kernel is installed — with a
+packed row of 8192 tokens when no config gives one.
 """
 
 from __future__ import annotations
