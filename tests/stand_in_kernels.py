@@ -113,3 +113,82 @@ def install(monkeypatch, flash=None, torch_varlen=None) -> None:
 
 SIGNATURES = {"2.10": varlen_attn_2_10, "2.11": varlen_attn_2_11, "2.12": varlen_attn_2_12,
               "flash": flash_attn_varlen_func}
+
+
+def install_liger_torch_kernels(monkeypatch) -> None:
+    """Run Liger's own autograd Functions (``LigerRMSNormFunction``, ``LigerSiLUMulFunction``,
+    ``LigerRopeFunction``) on CPU: only their Triton launchers (``rms_norm_forward/backward``,
+    ``swiglu_forward/backward``, ``rope_forward/backward``) are replaced by torch code with the same arguments and
+    results — the same tensors returned and saved (RSTD [rows] float32; SwiGLU's and RMSNorm's backward write the
+    gradients into their inputs as the kernels do; RoPE rotates contiguous q, k in place). Also routes
+    ``liger_rotary_pos_emb`` to ``LigerRopeFunction`` (its backend dispatch picks Triton on CUDA)."""
+    from liger_kernel.ops import rms_norm, rope, swiglu
+    from liger_kernel.transformers import rope as rope_module
+
+    def rms_forward(X, W, eps, offset, casting_mode, row_mode):  # casting "llama": only 1/rms in float32
+        shape = X.shape
+        X = X.view(-1, shape[-1])
+        rstd = torch.rsqrt(X.float().pow(2).mean(-1) + eps)  # RSTD [rows] float32
+        Y = (X.float() * rstd[:, None]).to(X.dtype) * (offset + W)
+        return Y.view(*shape), X, rstd, 0, 0, rms_norm._str_to_casting_mode.get(casting_mode, casting_mode)
+
+    def rms_backward(dY, X, W, RSTD, offset, casting_mode, BLOCK_SIZE, num_warps, in_place, row_mode, needs_dw=None):
+        shape = dY.shape
+        dY = dY.view(-1, shape[-1])
+        xhat = X.float() * RSTD[:, None]
+        g = dY.float() * (offset + W.float())
+        dX = RSTD[:, None] * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dW = (dY.float() * xhat.to(X.dtype).float()).sum(0).to(W.dtype) if needs_dw is not False else None
+        out = dY if in_place else torch.empty_like(dY)
+        out.copy_(dX)
+        return out.view(*shape), dW
+
+    def silu_mul_forward(a, b, gate_multiplier=1.0):
+        shape = a.shape
+        a, b = a.view(-1, shape[-1]), b.view(-1, shape[-1])
+        af = a.float() * gate_multiplier
+        return a, b, (af * torch.sigmoid(af) * b.float()).to(a.dtype).view(*shape)
+
+    def silu_mul_backward(a, b, dc, gate_multiplier=1.0):  # writes da into a, db into b
+        shape = dc.shape
+        dc = dc.view(-1, shape[-1]).float()
+        af = a.float() * gate_multiplier
+        sig = torch.sigmoid(af)
+        silu = af * sig
+        db = dc * silu
+        da = dc * b.float() * sig * (1 + af * (1 - sig)) * gate_multiplier
+        a.copy_(da)
+        b.copy_(db)
+        return a.view(*shape), b.view(*shape)
+
+    def rotate(x, cos, sin, sign):  # x [B, T, H, D] contiguous, in place; cos/sin [B or 1, T, D]
+        half = x.shape[-1] // 2
+        c, s = cos[:, :, None, :half].to(x.dtype), sin[:, :, None, :half].to(x.dtype)
+        x1, x2 = x[..., :half].clone(), x[..., half:].clone()
+        x[..., :half] = x1 * c - sign * x2 * s
+        x[..., half:] = x2 * c + sign * x1 * s
+
+    def rope_forward(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, rotary_dim=None):
+        cos, sin = (c.squeeze(unsqueeze_dim) if c.ndim == 4 else c for c in (cos, sin))
+        cos, sin = (c.unsqueeze(0) if c.ndim == 2 else c for c in (cos, sin))
+        q, k = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()  # no copy for HF's projections
+        cos, sin = cos.contiguous(), sin.contiguous()
+        rotate(q, cos, sin, 1.0)
+        rotate(k, cos, sin, 1.0)
+        return q.transpose(1, 2), k.transpose(1, 2), cos, sin
+
+    def rope_backward(dq, dk, cos, sin, position_ids=None, unsqueeze_dim=1, rotary_dim=None):
+        dq, dk = dq.transpose(1, 2).contiguous(), dk.transpose(1, 2).contiguous()
+        rotate(dq, cos, sin, -1.0)
+        rotate(dk, cos, sin, -1.0)
+        return dq.transpose(1, 2), dk.transpose(1, 2)
+
+    def liger_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, rotary_dim=None):
+        return rope.LigerRopeFunction.apply(q, k, cos, sin, position_ids, unsqueeze_dim, rotary_dim)
+
+    for module, name, fn in [(rms_norm, "rms_norm_forward", rms_forward), (rms_norm, "rms_norm_backward", rms_backward),
+                             (swiglu, "swiglu_forward", silu_mul_forward),
+                             (swiglu, "swiglu_backward", silu_mul_backward), (rope, "rope_forward", rope_forward),
+                             (rope, "rope_backward", rope_backward),
+                             (rope_module, "liger_rotary_pos_emb", liger_rotary_pos_emb)]:
+        monkeypatch.setattr(module, name, fn)

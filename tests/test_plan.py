@@ -57,6 +57,57 @@ def test_saved_activations_match_autograd_exactly(model_type, dtype, extra):
         parts["held_activations"] + parts["autocast_casts"] + log_softmax_out  # 4: the loss scalar
 
 
+@pytest.mark.parametrize("model_type,dtype,extra,tiled", [
+    ("llama", torch.bfloat16, {}, False), ("llama", torch.float32, {}, False), ("llama", "autocast", {}, False),
+    ("qwen3", torch.bfloat16, {"head_dim": 16}, False), ("llama", torch.bfloat16, {}, True)])
+def test_saved_activations_with_liger_kernels_match_autograd_exactly(monkeypatch, model_type, dtype, extra, tiled):
+    """With Liger's RMSNorm, SwiGLU and RoPE swapped in (their own autograd Functions, the Triton launchers run in
+    torch: tests/stand_in_kernels.py), every tensor kept for backward is counted; the fused model still gives the
+    unfused model's loss and gradients."""
+    pytest.importorskip("liger_kernel")
+    from stand_in_kernels import install_liger_torch_kernels
+
+    from seqpack.ops import apply_fused_kernels, apply_tiled_mlp
+
+    install_liger_torch_kernels(monkeypatch)
+    T = 192
+    cfg = AutoConfig.for_model(model_type, vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=T, **extra)
+    autocast = dtype == "autocast"
+    models = []
+    for fuse in (False, True):
+        torch.manual_seed(0)
+        model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg).to(torch.float32 if autocast else dtype))
+        if fuse:
+            kernels = apply_fused_kernels(model, True, torch.device("cuda"))  # the device check passes
+            assert kernels.swapped == {"rms_norm": 5 + (4 if extra else 0), "mlp": 2, "rope": 2}
+        if tiled:
+            apply_tiled_mlp(model, 64)
+        models.append(model.train())
+    precision = "bf16-autocast" if autocast else "fp32" if dtype == torch.float32 else "bf16"
+    opts = PlanOptions(T, checkpoint=0.0, precision=precision, device="cpu", optimizer="none", tiled_mlp=tiled,
+                       mlp_tile=64)
+    log_softmax_out = 4 * 256 * T
+    for model, fuse in zip(models, (False, True)):
+        parts = plan_memory(shape_from_hf_config(cfg), replace(opts, fused_kernels=fuse)).phase_components
+        assert _saved_activation_bytes(model, T, autocast) - 4 == parts["loss backward"]["held_activations"] + \
+            parts["loss backward"]["autocast_casts"] + log_softmax_out, fuse
+    plain, fused = (layer_saved_bytes(shape_from_hf_config(cfg), replace(opts, fused_kernels=f)) for f in (0, 1))
+    assert fused["norms"] < plain["norms"] and (fused["mlp"] < plain["mlp"] or tiled)
+
+    batch = seqpack.pack([list(range(3, 90)), list(range(100, 205))])  # positions restart
+    losses = []
+    for model in models:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(**batch.model_inputs()).logits
+        losses.append(seqpack.causal_lm_loss(logits, batch))
+        losses[-1].backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(losses[1].item() - losses[0].item()) <= tol * losses[0].item()
+    for (name, p), q in zip(models[1].named_parameters(), models[0].parameters()):
+        assert float((p.grad.float() - q.grad.float()).norm()) <= 10 * tol * float(q.grad.float().norm()) + 1e-6, name
+
+
 @pytest.mark.parametrize("T,checkpoint,kv_repeat,measured_gib,tol", [
     (16384, 1.0, False, 9.6, 0.02), (65536, 1.0, False, 32.1, 0.02), (131072, 1.0, False, 62.0, 0.02),
     (16384, 0.0, True, 39.9, 0.02),  # torch 2.11's varlen_attn had no enable_gqa: k, v repeated to 32 heads
@@ -172,7 +223,11 @@ def test_cli_table_json_and_errors(tmp_path, capsys):
     assert result["longest"]["8:ring2"]["options"]["ring"] == 2
     assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "2", "--seq_len", "131072",
                  "--tiled-mlp", "--chunked-loss"]) == 0
-    assert "sp=8 dp=1 (ring 2 x ulysses 4)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sp=8 dp=1 (ring 2 x ulysses 4)" in out and "fused kernels" in out
+    assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--seq_len", "131072", "--no-fused-kernels",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["plan"]["options"]["fused_kernels"] is False
     shape = shape_from_hf_config(AutoConfig.from_pretrained(tmp_path))
     assert plan_memory(shape, PlanOptions(1000, gpus=8, sp=8, ring=2)).local_tokens == 1024 // 8  # 16 chunks/rank
     assert main(["plan", str(tmp_path), "--gpus", "8", "--sp", "8", "--ring", "3"]) == 2
@@ -234,9 +289,15 @@ def test_plan_defaults_are_seqpack_train_defaults(tmp_path):
     assert (opts.chunked_loss, opts.loss_chunk, opts.checkpoint, opts.micro_num, opts.precision, opts.tiled_mlp,
             opts.offload_checkpoints, opts.offload_optimizer) == (True, 1024, 0.0, 2, "bf16-mixed", False, False, False)
     assert options_from(_plan_args(folder, "--device", "cpu"), cfg).precision == "fp32"
+    from seqpack.ops.fused import liger_available  # model.fused_kernels "auto": Liger on CUDA when installed
+
+    assert opts.fused_kernels is liger_available()
+    assert options_from(_plan_args(folder, "--device", "cpu"), cfg).fused_kernels is False
+    assert options_from(_plan_args(folder, "--no-fused-kernels"), cfg).fused_kernels is False
+    assert options_from(_plan_args(folder, "--device", "cpu", "--fused-kernels"), cfg).fused_kernels is True
     evo = tmp_path / "evo.py"
     evo.write_text("model = dict(checkpoint=True, mixed_precision='autocast', offload_checkpoints=True, "
-                   "tiled_mlp=512)\nloss = dict(chunked=False)\nhybrid_zero_optimizer = dict(cpu_offload=True)\n"
+                   "tiled_mlp=512, fused_kernels=False)\nloss = dict(chunked=False)\nhybrid_zero_optimizer = dict(cpu_offload=True)\n"
                    "data = dict(seq_len=2048, micro_bsz=2, micro_num=1)\n")
     shape, cfg = load_shape(evo)
     opts = options_from(_plan_args(evo), cfg)
@@ -244,6 +305,7 @@ def test_plan_defaults_are_seqpack_train_defaults(tmp_path):
             opts.offload_checkpoints, opts.offload_optimizer, opts.micro_num) == \
         (4096, 1.0, "bf16-autocast", False, True, 512, True, True, 1)
     assert options_from(_plan_args(evo, "--device", "cpu"), cfg).precision == "bf16-autocast"  # asked for: CPU too
+    assert opts.fused_kernels is False  # the config's model.fused_kernels
     assert options_from(_plan_args(evo, "--no-offload-optimizer", "--precision", "fp32"), cfg).offload_optimizer \
         is False
 

@@ -10,7 +10,8 @@
 The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
 .py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on
 GPUs (float32 on --device cpu), the chunked loss (1024 tokens per chunk), no activation checkpointing, two
-micro-batches per step, AdamW on the GPU — with a packed row of 8192 tokens when no config gives one.
+micro-batches per step, AdamW on the GPU, Liger's fused kernels on GPUs when liger-kernel is installed — with a
+packed row of 8192 tokens when no config gives one.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=None,
                         help="float32 weights, gradients and AdamW state in host memory, the optimizer step on the "
                         "CPU (default: hybrid_zero_optimizer.cpu_offload, off)")
+    parser.add_argument("--fused-kernels", action=argparse.BooleanOptionalAction, default=None,
+                        help="Liger's fused RMSNorm, SwiGLU, RoPE and linear cross-entropy, as seqpack train swaps them "
+                        "in (default: the config's model.fused_kernels; 'auto' = on a GPU when liger-kernel is "
+                        "installed here)")
     parser.add_argument("--keep-logits", action=argparse.BooleanOptionalAction, default=True,
                         help="without the chunked loss: the caller holds the logits through backward (seqpack "
                         "train's loop does)")
@@ -93,6 +98,14 @@ def train_precision(cfg, device: str) -> str:
 
     mode, _ = compute_mode(cfg, torch.device(device))
     return {None: "fp32", "fsdp": "bf16-mixed", "autocast": "bf16-autocast"}[mode]
+
+
+def train_fused_kernels(setting, device: str) -> bool:
+    """Whether ``seqpack train`` swaps Liger's kernels in for ``model.fused_kernels`` = ``setting`` on ``device``
+    (``apply_fused_kernels``: "auto" = on CUDA when liger-kernel is importable; True = on, or train refuses)."""
+    from ..ops.fused import liger_available
+
+    return setting is True or (setting == "auto" and device == "cuda" and liger_available())
 
 
 def options_from(args, cfg) -> PlanOptions:
@@ -116,7 +129,9 @@ def options_from(args, cfg) -> PlanOptions:
         chunked_loss=pick(args.chunked_loss, cfg.loss.chunked), loss_chunk=pick(args.loss_chunk, cfg.loss.chunk_size),
         tiled_mlp=pick(args.tiled_mlp, bool(tiled)),
         mlp_tile=pick(args.mlp_tile, None if isinstance(tiled, bool) else int(tiled)),
-        keep_logits=args.keep_logits, kv_repeat=args.kv_repeat, doc_len=args.doc_len, slack=args.slack,
+        keep_logits=args.keep_logits, kv_repeat=args.kv_repeat,
+        fused_kernels=pick(getattr(args, "fused_kernels", None), train_fused_kernels(cfg.model.fused_kernels,
+                                                                                       args.device)), doc_len=args.doc_len, slack=args.slack,
         reserve_gib=args.reserve_gib,
         offload_checkpoints=pick(args.offload_checkpoints, cfg.model.offload_checkpoints),
         offload_optimizer=pick(args.offload_optimizer, cfg.hybrid_zero_optimizer.cpu_offload),
@@ -176,7 +191,8 @@ def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, 
               ("AdamW" + (" on the host" if opts.offload_optimizer else "")) if opts.optimizer == "adamw"
               else "no optimizer state",
               f"chunked loss ({opts.loss_chunk} tokens)" if opts.chunked_loss else "full-logits loss",
-              "tiled MLP" if opts.tiled_mlp else "plain MLP", f"micro_num {opts.micro_num}"]
+              "tiled MLP" if opts.tiled_mlp else "plain MLP",
+              "Liger fused kernels" if opts.fused_kernels else "no fused kernels", f"micro_num {opts.micro_num}"]
     parts += ["checkpoint inputs on the host"] if opts.offload_checkpoints else []
     return "settings: " + ", ".join(parts)
 

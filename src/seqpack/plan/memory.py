@@ -14,6 +14,12 @@ What a Llama-shaped decoder layer keeps for backward, per local token (checked t
   its log-sum-exp 4N; under SP the heads->seq all-to-all output is o_proj's input, another a*q;
 - MLP: gate output, SiLU output, up output, their product: 4*a*i (tiled MLP: nothing but its input).
 
+With Liger's fused kernels (``model.fused_kernels``, on CUDA by default when liger-kernel is installed) each
+RMSNorm keeps its input itself (no fp32 copy), its output and 1/rms in fp32 (``LigerRMSNormFunction`` saves X, W,
+RSTD [rows] float32; its backward writes dX into dY); the SwiGLU product keeps gate and up outputs (its backward
+overwrites them with their gradients), so the MLP keeps 3*a*i with the product; RoPE rotates q and k in place and
+keeps cos/sin; with the chunked loss, Liger's fused linear cross-entropy replaces seqpack's (see ``loss_bytes``).
+
 Checkpointed layers keep only their input (s*h). The loss on full logits holds the log-softmax output, the NLL
 gradient and the log-softmax gradient in fp32 at once (12V per token) — plus the logits themselves when the
 caller keeps them (``seqpack train``'s loop does). The peak is the largest of: the loss backward, each layer's
@@ -87,6 +93,7 @@ class PlanOptions:
     tiled_mlp: bool = False  # MLP over tiles of mlp_tile tokens, recomputed in backward
     mlp_tile: int | None = None  # None: hidden_size tokens (DeepSpeed ALST's choice)
     kv_repeat: bool = False  # the attention kernel cannot share KV heads (torch 2.11 varlen_attn): k, v get N heads
+    fused_kernels: bool = False  # Liger's RMSNorm, SwiGLU, RoPE and linear cross-entropy (model.fused_kernels)
     doc_len: int | None = None  # document length for attention FLOPs; None: one document fills the row
     slack: float = 0.10  # allocator fragmentation, as a fraction of the allocated peak
     reserve_gib: float = 1.0  # CUDA context + NCCL buffers, outside the allocator
@@ -169,11 +176,19 @@ def check_sp(shape: ModelShape, sp: int, ring: int = 1) -> None:
                          + ("" if ring > 1 else " (or a ring degree: --ring)"))
 
 
+def fused(shape: ModelShape, opts: PlanOptions) -> bool:
+    """Whether Liger's kernels replace the family's RMSNorm, SwiGLU MLP and RoPE (seqpack.ops.fused's families)."""
+    from ..ops.fused import FAMILIES
+
+    return opts.fused_kernels and shape.model_type in FAMILIES
+
+
 def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
     """Bytes one decoder layer keeps for backward, per local token, by part (norms, attention, mlp)."""
     from ..parallel.heads import plan_heads
 
     prec = PRECISIONS[opts.precision]
+    liger = fused(shape, opts)
     a, s, h, D = prec.act, prec.stream, shape.hidden_size, shape.head_dim
     q = shape.num_heads * D
     nkv = shape.num_heads if opts.kv_repeat else shape.num_kv_heads * plan_heads(
@@ -181,16 +196,17 @@ def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
     kv = nkv * D
 
     def norm(width: int, consumers: int) -> int:  # fp32 input, normalised, output (cast copies), 1/rms
-        return 4 * width + s * width + (consumers if prec.autocast else 1) * a * width + 4
+        output = (consumers if prec.autocast else 1) * a * width
+        return s * width + output + 4 if liger else 4 * width + s * width + output + 4  # Liger: X, Y, RSTD
 
     # q, k, v, the output (ring attention: its float32 merge) and the fp32 log-sum-exp; the Ulysses all-to-all's
     out = 4 * q if opts.ring > 1 else a * q
     attn = a * (q + 2 * kv) + out + 4 * shape.num_heads + (a * q if opts.ulysses > 1 else 0)
     if shape.qk_norm:  # per-head norms of the projections (their outputs go into RoPE, which keeps only cos/sin)
-        width = q + shape.num_kv_heads * D
-        attn += 4 * width + a * width + 4 * (shape.num_heads + shape.num_kv_heads)
+        width = q + shape.num_kv_heads * D  # Liger: the projection itself (its output is rotated in place)
+        attn += (0 if liger else 4 * width) + a * width + 4 * (shape.num_heads + shape.num_kv_heads)
     return dict(norms=norm(h, 3) + norm(h, 1 if opts.tiled_mlp else 2), attention=attn,
-                mlp=0 if opts.tiled_mlp else 4 * a * shape.intermediate_size)
+                mlp=0 if opts.tiled_mlp else (3 if liger else 4) * a * shape.intermediate_size)
 
 
 RING_TILE = 512  # seqpack.attention.ring_blocks.TILE
@@ -222,12 +238,14 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     on_host = opts.offload_optimizer and cuda
 
     parts = layer_saved_bytes(shape, opts)
+    liger = fused(shape, opts)
+    flce = liger and opts.chunked_loss  # Liger's fused linear cross-entropy (it keeps no final-norm output)
     A = sum(parts.values())  # one layer's saved tensors per token
     n_ckpt = round(opts.checkpoint * L)
     offload = opts.offload_checkpoints and n_ckpt > 0 and cuda
     ckpt_input = 0 if offload else s * h
     held = [ckpt_input if j < n_ckpt else A for j in range(L)]  # per token, layer j
-    final = 4 * h + s * h + a * h + 4  # final norm
+    final = (s * h + (0 if flce else a * h) + 4) if liger else 4 * h + s * h + a * h + 4  # final norm
     rope = 2 * shape.head_dim * s  # cos, sin shared by every layer
     tile = min(opts.mlp_tile or h, t)
 
@@ -245,19 +263,26 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     # FSDP2 reduces a bf16 gradient in fp32: one fp32 copy of the layer's gradients while it reduce-scatters
     reduce_copy = P_layer * 4 if sharded and m != p else 0
 
-    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head) -> int:
+    def grads(done_params: int, current_layer: bool, root_unsharded: int = P_head, root_reduced: bool = False) -> int:
         """Gradient bytes once the head, final norm and ``done_params`` more have their gradients; under FSDP2 the
-        root's unsharded gradients wait for its reduce-scatter at the end of backward, a layer's for its own."""
+        root's unsharded gradients wait for its reduce-scatter at the end of backward (``root_reduced``: its
+        reduced shards exist too), a layer's for its own."""
         if not sharded:
             return max(resident_grads, (P_head + h + done_params) * p)
-        reduced = 0 if on_host else (P_head + h + done_params) * m // W
+        reduced = 0 if on_host else ((P_head + h if root_reduced else 0) + done_params) * m // W
         return resident_grads + reduced + root_unsharded * p + \
             ((P_layer * p + reduce_copy) if current_layer else 0)
 
     def casts(layers_held: int) -> int:  # autocast's bf16 weight copies kept by linears awaiting backward
         return 2 * (linear_per_layer * layers_held + V * h) if prec.autocast else 0
 
-    if opts.chunked_loss:  # one chunk's logits, their fp32 copy (none in fp32) and one fp32 softmax/CE buffer,
+    if flce:  # Liger: one chunk's logits (the CE kernel writes their gradient in place), the gradients made in
+        # forward (the hidden's [t, h] in its dtype, the head's [V, h] in the weight's) and the fp32 per-token loss;
+        rows = -(-t // -(-V // h))  # chunks of next_power_of_2(ceil(t / ceil(V / h))) tokens
+        c = min(1 << (rows - 1).bit_length(), t)
+        loss_bytes = c * V * a + t * a * h + V * h * p + 4 * t
+        logits_kept = 0
+    elif opts.chunked_loss:  # one chunk's logits, their fp32 copy (none in fp32) and one fp32 softmax/CE buffer,
         c = min(opts.loss_chunk, t)  # + the gradients made in forward: the head's in fp32 [V, h], the hidden's [t, h]
         loss_bytes = c * V * (a + 4 + (4 if a != 4 else 0)) + 4 * V * h + t * a * h
         logits_kept = 0
@@ -279,16 +304,24 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     # float32 dq, and one tile's scores, probabilities and their gradients (5 fp32 [N/U, TILE, TILE])
     ring = (2 * 2 * kv_local * a + 2 * 2 * kv_local * 4 + 4 * t * q
             + 5 * 4 * (shape.num_heads // opts.ulysses) * RING_TILE ** 2) if opts.ring > 1 else 0
+    kvp = parts_kv(shape, opts)
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
-        extra_input = s * h if k < n_ckpt and s != 4 else 0  # a bf16 input is not the norm's fp32 copy
+        # a checkpointed layer's input: a bf16 input is not the HF norm's fp32 copy (it is Liger's saved X)
+        extra_input = s * h if k < n_ckpt and s != 4 and not liger else 0
         if k < n_ckpt and offload:  # its input came back from the host, the next layer's is on its way
-            extra_input = s * h * (2 if k > 0 else 1)
-        mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile  # grads of the SiLU*up product
+            extra_input = s * h * ((1 if k > 0 else 0) + (0 if liger else 1))
+        if liger:  # the product's gradient; the gate and up outputs take their own gradients in place
+            mlp_temps = a * i * t if not opts.tiled_mlp else 4 * a * i * tile  # + one tile's gate, up, product
+        else:  # grads of the SiLU*up product
+            mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile
         mlp_phase = t * (A + extra_input + s * h) + mlp_temps  # + the gradient flowing in
-        # attention backward: MLP and second norm freed; dq, dk, dv, grad of the output (+ flash's fp32 dq
-        # accumulator), and under SP the send + receive buffers of one all-to-all
+        # attention backward: MLP and second norm freed; under SP the send + receive buffers of one all-to-all
         attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + s * h)
-        workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim) + (t * 4 * q if cuda else 0)
+        if cuda:  # flash-attn 2's mha_varlen_bwd: the output's gradient (its input), dq, dk, dv, dk/dv over all N
+            # heads when the KV heads are shared (summed into dk/dv after), the fp32 dq accumulator and softmax_d
+            workspace = t * (a * (2 * q + 2 * kvp + (2 * q if kvp < q else 0)) + 4 * q + 4 * shape.num_heads)
+        else:  # the per-document SDPA backward (measured by seqpack bench plan)
+            workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim)
         if opts.ring > 1:  # the exact blockwise backward: dq, dk, dv live in the ring buffers
             workspace = t * a * q
         a2a = 2 * t * a * q if opts.ulysses > 1 else 0
@@ -301,7 +334,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
             autocast_casts=casts(sum(1 for j in range(k + 1) if j >= n_ckpt) + (1 if k < n_ckpt else 0)))
     phases["embedding backward"] = dict(
         base, gradients=grads(L * P_layer + shape.embedding_params * (0 if shape.tie_embeddings else 1), False,
-                              shape.root_params), held_activations=t * s * h, layer_working=0,
+                              shape.root_params, root_reduced=True), held_activations=t * s * h, layer_working=0,
         attention_workspace=0, sp_all_to_all=0, logits_loss=logits_kept, ring_buffers=0, autocast_casts=0)
     if opts.optimizer == "adamw" and not opts.offload_optimizer:
         # CUDA: foreach AdamW, one fp32 copy of all (sharded) parameters; CPU: per-tensor AdamW, whose update holds
