@@ -250,7 +250,7 @@ def offload_times(shape: ModelShape, f: Features, device: Device, seq_len: int, 
     the CPU the steps are not tracked: the budget does not apply."""
     from ..bench.train_step import TrainStep, packed_row
 
-    settings = {name: replace(f, offload_checkpoints=False, offload_optimizer=False, **keys)
+    settings = {name: replace(f, **{"offload_checkpoints": False, "offload_optimizer": False, **keys})
                 for name, keys in OFFLOADS.items() if f.checkpoint > 0 or "offload_checkpoints" not in keys}
     times: dict[str, list | None] = {name: [] for name in settings}
     row = packed_row(seq_len, shape.vocab_size, device.doc_len)
