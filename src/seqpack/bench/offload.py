@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 from ..cli_types import positive_int
+from .train_step import TrainStep, packed_row
 
 SETTINGS = {  # name -> (config keys, the setting it is compared with)
     "fp32": ({}, None),
@@ -28,43 +28,22 @@ SETTINGS = {  # name -> (config keys, the setting it is compared with)
 }
 
 
-class _Run:
-    """One setting's model, optimizer and timed steps."""
+class _Run(TrainStep):
+    """One setting's model, optimizer and timed steps, and the bytes its offloads move."""
 
-    def __init__(self, keys: dict, args, row):
-        import torch
-
-        from ..parallel import init_topology
+    def __init__(self, keys: dict, args, topo):
         from ..train import load_config
-        from ..train.loop import build_optimizer
-        from ..train.model import build_model
 
         flags = ["--model.hidden_size", str(args.hidden), "--model.num_layers", str(args.layers),
                  "--model.num_attention_heads", str(args.heads), "--model.checkpoint", "True",
                  "--train.device", "cpu"]
         for key, value in keys.items():
             flags += [f"--{key}", str(value)]
-        self.cfg = load_config(None, flags)
-        self.topo = init_topology(device="cpu")
-        self.model = build_model(self.cfg, args.vocab, self.topo)
-        self.optimizer = build_optimizer(self.model, self.cfg)
-        self.row, self.times, self.torch = row, [], torch
-        offload = getattr(self.model, "_seqpack_checkpoint_offload", None)
+        super().__init__(load_config(None, flags), args.vocab, topo)
+        offload = self.checkpoint_offload
         self.record = [] if offload is not None else None
         if offload is not None:
             offload.record = self.record
-
-    def step(self) -> None:
-        from ..parallel import StepLoss
-
-        b = self.row
-        t0 = time.perf_counter()
-        loss = StepLoss([b], None)
-        total = self.model(**b.model_inputs(), use_cache=False, chunked_loss_labels=b.shift_labels).loss
-        loss.sum_loss(total).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.times.append(time.perf_counter() - t0)
 
     def moved_bytes(self) -> int:
         """Bytes per step this setting takes off a GPU."""
@@ -99,31 +78,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch
 
-    import seqpack
+    from ..parallel import init_topology
 
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    lengths, left = [], args.seq_len
-    while left:  # documents of 256..2048 tokens
-        n = min(left, int(torch.randint(256, 2049, (1,), generator=g)))
-        lengths.append(n)
-        left -= n
-    row = seqpack.pack([torch.randint(3, args.vocab, (n,), generator=g) for n in lengths])
+    row = packed_row(args.seq_len, args.vocab)
+    topo = init_topology(device="cpu")
     runs = {}
     try:
         for name, (keys, _) in SETTINGS.items():
-            runs[name] = _Run(keys, args, row)
-            runs[name].step()  # warm-up: allocations, AdamW state
+            runs[name] = _Run(keys, args, topo)
+            runs[name].step(row)  # warm-up: allocations, AdamW state
             runs[name].times.clear()
             if runs[name].record is not None:
                 runs[name].record.clear()
         for _ in range(args.repeats):
             for run in runs.values():
                 for _ in range(args.steps):
-                    run.step()
+                    run.step(row)
     finally:
-        for run in runs.values():
-            run.topo.destroy()
+        topo.destroy()
+    lengths = row.cu_seqlens.diff().tolist()
     print(f"CPU, one process, OMP_NUM_THREADS=1, T={args.seq_len} ({len(lengths)} documents), hidden {args.hidden}, "
           f"{args.layers} layers, vocab {args.vocab}, full checkpointing, chunked loss, AdamW; median of "
           f"{args.steps * args.repeats} steps each, settings interleaved")

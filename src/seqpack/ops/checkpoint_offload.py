@@ -9,10 +9,12 @@ saves as an autograd saved tensor. Around each checkpointed layer's checkpoint c
 stream, while the layer computes), unpacking brings it back — on CUDA the copy of the layer below is started as
 soon as a layer's backward begins, so it overlaps with that layer's recomputation and backward. Only tensors are
 moved: losses and gradients are bitwise those without offload. On the CPU the same hooks run end to end (the
-"host" copy is a second CPU tensor), which is how the tests check what moves.
+"host" copy is a second CPU tensor, and unpacking copies it back as a GPU run does), which is how the tests check
+what moves.
 
     >>> offload = offload_checkpoints(model)      # after apply_activation_checkpointing   # doctest: +SKIP
     >>> offload.record = []                        # (layer, shape, dtype, bytes) of every offloaded tensor
+    >>> offload.on_host = budget.host              # called with every host copy (seqpack bench longest)
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ class _Offloaded:
 
 class CheckpointOffload:
     """The saved-tensor hooks of :func:`offload_checkpoints`. ``record``: None, or a list that receives
-    ``(layer, shape, dtype, nbytes)`` for every tensor offloaded (tests, ``seqpack bench``)."""
+    ``(layer, shape, dtype, nbytes)`` for every tensor offloaded (tests, ``seqpack bench``). ``on_host``: None, or
+    a function called with every host copy as it is made (a device-memory tracker stops counting it)."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
@@ -44,6 +47,7 @@ class CheckpointOffload:
         self.stream = None  # side CUDA stream of the copies, made on first use
         self.saved: dict[int, list] = {}  # layer -> weak references to its offloaded tensors (autograd owns them)
         self.record: list | None = None
+        self.on_host = None
 
     def _side_stream(self):
         if self.stream is None:
@@ -67,6 +71,8 @@ class CheckpointOffload:
             host, ready = tensor.clone(memory_format=torch.contiguous_format), None
         else:
             return tensor
+        if self.on_host is not None:
+            self.on_host(host)
         item = _Offloaded(host, tensor.device, ready, layer)
         if self.cuda:  # for the prefetch; dead references (graphs already freed) are dropped here
             alive = [ref for ref in self.saved.get(layer, ()) if ref() is not None]
@@ -78,8 +84,8 @@ class CheckpointOffload:
     def unpack(self, item):
         if not isinstance(item, _Offloaded):
             return item
-        if item.device.type == "cpu":
-            return item.host
+        if item.device.type == "cpu":  # a device copy, as the way back from pinned memory makes one
+            return item.host.clone()
         if item.back is None:
             self._fetch(item)
         torch.cuda.current_stream(item.device).wait_event(item.back_ready)
