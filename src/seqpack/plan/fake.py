@@ -41,7 +41,8 @@ from .shape import ModelShape
 
 
 class _FlashVarlenFunction(torch.autograd.Function):
-    """Allocations of flash-attn 2's varlen kernels, no arithmetic (the tensors are fake)."""
+    """Allocations of flash-attn 2's varlen kernels (``mha_varlen_fwd`` / ``mha_varlen_bwd`` and the Python
+    wrapper's dq, dk, dv), no arithmetic: the tensors are fake."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_q):
@@ -65,8 +66,8 @@ class _FlashVarlenFunction(torch.autograd.Function):
         if k.shape[1] != N:
             dk_expanded = torch.empty(T, N, D, dtype=k.dtype, device=k.device)
             dv_expanded = torch.empty(T, N, D, dtype=v.dtype, device=v.device)
-            dk = dk_expanded.view(T, k.shape[1], N // k.shape[1], D).sum(2)
-            dv = dv_expanded.view(T, v.shape[1], N // v.shape[1], D).sum(2)
+            torch.sum(dk_expanded.view(T, k.shape[1], N // k.shape[1], D), 2, out=dk)
+            torch.sum(dv_expanded.view(T, v.shape[1], N // v.shape[1], D), 2, out=dv)
             del dk_expanded, dv_expanded
         del dq_accum, softmax_d
         return dq, dk, dv, None
@@ -200,16 +201,17 @@ def fake_step(shape: ModelShape, opts: PlanOptions, rank: int = 0) -> FakeResult
             optimizer = build_optimizer(model, cfg) if opts.optimizer == "adamw" else None
 
             def forward_backward():  # seqpack train's step (CausalLMTask.step) on this rank's micro-batches
+                logits = None
                 for b in micro:
                     if uses_chunked_loss(model):
                         out = model(**b.model_inputs(), use_cache=False, chunked_loss_labels=b.shift_labels)
                         part = step_loss.sum_loss(out.loss)
                         del out
                     else:
-                        logits = model(**b.model_inputs(), use_cache=False).logits  # kept through backward
+                        logits = model(**b.model_inputs(), use_cache=False).logits
                         part = step_loss(logits, b)
-                        del logits
-                    part.backward()
+                    part.backward()  # train's loop holds the logits through backward
+                    logits = None
 
             if optimizer is not None:  # the first step creates AdamW's moments, which later steps find resident
                 forward_backward()
@@ -237,6 +239,19 @@ class Check:
     @property
     def error(self) -> float:
         return self.plan.allocated / self.fake.peak - 1
+
+    def to_dict(self) -> dict:
+        return dict(planned=self.plan.allocated, tracked=self.fake.peak, error=self.error,
+                    planned_peak=self.plan.peak_phase, tracked_peak=self.fake.where, breakdown=self.fake.breakdown,
+                    seconds=self.fake.seconds)
+
+    def report(self) -> str:
+        """The check as ``seqpack plan --check-fake`` prints it."""
+        parts = ", ".join(f"{k} {v / GiB:.2f}" for k, v in self.fake.breakdown.items())
+        return (f"\nchecked on fake tensors (rank 0 of {self.plan.options.gpus}, {self.fake.seconds:.0f} s): "
+                f"allocated peak planned {self.plan.allocated / GiB:.2f} GiB ({self.plan.peak_phase}), tracked "
+                f"{self.fake.peak / GiB:.2f} GiB ({self.fake.where}), error {self.error:+.1%}\n"
+                f"tracked at the peak, GiB: {parts}")
 
     def row(self) -> str:
         o = self.plan.options
