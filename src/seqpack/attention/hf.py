@@ -13,6 +13,7 @@ global and :func:`seqpack.parallel.heads.ulysses_attention` runs the same kernel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from dataclasses import dataclass, field, replace
@@ -135,11 +136,12 @@ def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0, ring
         if ref is not None and ref() is cu_tensor and cached[-1] == T:
             cu = cached
         else:
-            cu = check_cu_seqlens(cu_tensor, T)
-            if position_ids is not None:
-                if ring is not None and ring[0] > 1:
-                    start = split_positions(cu, *ring)  # the global positions of this rank's tokens
-                _check_positions(position_ids, cu, start)
+            with _real_metadata(cu_tensor, position_ids):
+                cu = check_cu_seqlens(cu_tensor, T)
+                if position_ids is not None:
+                    if ring is not None and ring[0] > 1:
+                        start = split_positions(cu, *ring)  # the global positions of this rank's tokens
+                    _check_positions(position_ids, cu, start)
             _validated = (weakref.ref(cu_tensor), cu)
     elif position_ids is not None:  # like transformers' flash path: a document starts where position_ids == 0
         starts = (position_ids.reshape(-1) == 0).nonzero().reshape(-1).tolist()
@@ -150,6 +152,15 @@ def _documents(cu_tensor, max_length, position_ids, T: int, start: int = 0, ring
     if max_length is not None and int(max_length) < longest:
         raise ValueError(f"max_length_q={int(max_length)} is shorter than the longest document ({longest} tokens)")
     return cu, longest
+
+
+def _real_metadata(*tensors):
+    """Inside ``FakeTensorMode`` (``seqpack plan --check-fake``) with real metadata tensors: check them as real
+    tensors (their values exist); otherwise nothing changes."""
+    from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+
+    real = all(t is None or not is_fake(t) for t in tensors)
+    return unset_fake_temporarily() if real else contextlib.nullcontext()
 
 
 def _check_positions(position_ids: torch.Tensor, cu: list[int], start=0) -> None:

@@ -11,7 +11,8 @@ Used by every entry point that switches a model to packed batches (:func:`seqpac
    bf16/fp16 weights, or TF32 matmuls on CUDA, rounding is of the same size as a leak, so only check 1 runs.
 
 Otherwise a ValueError names the model class and what to do. Cost: two forwards of 4 and 2 tokens, once per
-dispatch; a model whose parameters are still on the ``meta`` device (weights not loaded yet) is not probed.
+dispatch; a model whose parameters are still on the ``meta`` device (weights not loaded yet) or fake tensors
+(``FakeTensorMode``: shapes without values, as ``seqpack plan --check-fake`` builds) is not probed.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ def check_packing(model, name: str = "seqpack") -> None:
 
         >>> seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))   # runs check_packing  # doctest: +SKIP
     """
+    from torch._subclasses.fake_tensor import is_fake
+
     params = list(model.parameters())
-    if not params or any(p.is_meta for p in params):
+    if not params or any(p.is_meta or is_fake(p) for p in params):
         return
     device, model_name = params[0].device, type(model).__name__
     vocab = model.config.get_text_config().vocab_size

@@ -95,8 +95,8 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             valid = y != IGNORE_INDEX  # [c]
             g = torch.softmax(z, dim=-1)  # d CE / d z = softmax - one_hot, zero on ignored rows
             del z
-            rows = valid.nonzero().squeeze(1)
-            g[rows, y[rows]] -= 1
+            # g[r, y[r]] -= 1 on valid rows (ignored rows add -0.0 at column 0: unchanged); no data-dependent shapes
+            g.scatter_add_(1, y.clamp(min=0).unsqueeze(1), valid.unsqueeze(1).to(g.dtype).neg())
             g.mul_(valid.unsqueeze(1))
             g = _through_postprocess(g, raw, post).to(raw.dtype)  # d CE / d raw [c, V], in the logits' dtype
             del raw  # (autograd casts the logits' gradient the same way; under autocast the matmuls run in bf16)

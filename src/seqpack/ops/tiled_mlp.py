@@ -33,7 +33,9 @@ class _TiledMLPFunction(torch.autograd.Function):
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
         ctx.save_for_backward(x, *params)
-        return torch.cat([forward(x[..., s:s + tile, :]) for s in range(0, x.shape[-2], tile)], dim=-2)
+        flat = x.detach()  # no graph in forward; a tile must not look like a tensor awaiting its gradient (module
+        # hooks such as torch's memory tracker register gradient hooks on inputs that require grad)
+        return torch.cat([forward(flat[..., s:s + tile, :]) for s in range(0, x.shape[-2], tile)], dim=-2)
 
     @staticmethod
     def backward(ctx, grad_out):

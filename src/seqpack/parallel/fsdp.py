@@ -43,7 +43,7 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
     if not layers:
         warnings.warn(f"apply_fsdp found no decoder layers in {type(model).__name__}; sharding the model as one unit",
                       stacklevel=2)
-    model.to(topo.device)
+    move_model(model, topo.device)
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, reshard_after_forward=reshard_after_forward and i < len(layers) - 1, **kwargs)
@@ -54,6 +54,13 @@ def apply_fsdp(model: torch.nn.Module, topo, reshard_after_forward: bool = True,
             m.set_force_sum_reduction_for_comms(True)
             reduce_unused_parameters(m)
     return model
+
+
+def move_model(model: torch.nn.Module, device: torch.device) -> None:
+    """``model.to(device)`` unless every parameter is there already (a move to the same device would still swap
+    tensor subclasses such as FakeTensorMode's, which fails)."""
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)
 
 
 def one_rank_mesh(topo):

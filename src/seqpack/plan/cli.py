@@ -6,6 +6,8 @@
         --offload-optimizer
     seqpack plan path/to/hf_folder --gpus 8         # any local model folder, config.json or InternEvo config
     seqpack plan configs/shapes/llama-3-8b.json --gpus 16 --seq_len 524288 --sp 16 --ring 4  # 4 Ulysses x 4 ring
+    seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --sp 8 --seq_len 1048576 --micro-num 1 --checkpoint 1 \
+        --tiled-mlp --check-fake     # + the real training step run on fake tensors: tracked peak vs plan
 
 The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
 .py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on
@@ -87,6 +89,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slack", type=non_negative_float, default=0.10, help="allocator slack, fraction of the peak (0.10)")
     parser.add_argument("--reserve-gib", type=non_negative_float, default=1.0, help="CUDA context + NCCL, GiB (1.0)")
     parser.add_argument("--vocab-size", type=positive_int, help="vocabulary when the config leaves it to the tokenizer")
+    parser.add_argument("--check-fake", action="store_true", help="also run the training step of this plan (the "
+                        "model built as seqpack train builds it, every feature, FSDP2) on fake tensors as rank 0 of "
+                        "--gpus, allocating nothing, and print its tracked peak next to the planned one (minutes "
+                        "for an 8B model at 1M tokens; not with --max or the offloads)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
@@ -157,6 +163,9 @@ def run(args) -> int:
             host_ok = host_limit is None or plan.host_per_node <= host_limit
             out = dict(gpu_bytes=gpu_bytes, host_bytes=host_limit, fits=plan.reserved <= gpu_bytes and host_ok,
                        plan=plan.to_dict())
+        check = run_check_fake(args, shape, opts) if args.check_fake else None
+        if check is not None:
+            out["check_fake"] = check.to_dict()
     except ValueError as err:
         print(f"seqpack plan: error: {err}", file=sys.stderr)
         return 2
@@ -170,7 +179,20 @@ def run(args) -> int:
     else:
         print(describe_settings(opts, gpu_bytes))
         print(breakdown_table(plan, gpu_bytes, host_limit))
+    if check is not None:
+        print(check.report())
     return 0
+
+
+def run_check_fake(args, shape, opts):
+    """The fake-tensor step of the plan (``seqpack.plan.fake``); ValueError for what it cannot run."""
+    if args.max:
+        raise ValueError("--check-fake checks one plan: give --seq_len (e.g. the longest T that --max printed)")
+    if opts.device != "cuda":
+        raise ValueError("--check-fake checks a GPU plan: drop --device cpu")
+    from .fake import compare
+
+    return compare(shape, opts)
 
 
 def describe_model(shape) -> str:

@@ -22,6 +22,7 @@ import seqpack
 from ..ops import apply_fused_kernels, apply_tiled_mlp, enable_chunked_loss, offload_checkpoints
 from ..ops.layers import decoder_layers
 from ..parallel import apply_fsdp, check_model_heads
+from ..parallel.fsdp import move_model
 from ..ssm.config import SSM_MODEL_TYPES, is_ssm, ssm_hf_config
 from .config import Config
 from .config_rules import from_hf, transformers_model_type
@@ -113,7 +114,7 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
         offload_checkpoints(model)
     # 6) FSDP2 over all ranks (one process: no-op, or a one-rank group for mixed precision / optimizer offload)
     if topo is not None:
-        model.to(topo.device)
+        move_model(model, topo.device)
         apply_fsdp(model, topo, mp_policy=mixed_precision_policy(cfg, topo.device),
                    offload_policy=optimizer_offload_policy(cfg, topo.device))
     return model
