@@ -75,12 +75,15 @@ def test_refusals_name_what_to_change():
         compare(SMALL, PlanOptions(4096, gpus=4, sp=4, ring=2))
     with pytest.raises(ValueError, match="precision"):
         compare(SMALL, PlanOptions(4096, gpus=2, sp=2, precision="bf16-autocast"))
+    with pytest.raises(ValueError, match="--no-fused-kernels"):
+        compare(SMALL, PlanOptions(4096, gpus=2, sp=2, fused_kernels=True))
 
 
 def test_cli_check_fake(tmp_path, capsys):
     AutoConfig.for_model("llama", vocab_size=4096, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2).save_pretrained(tmp_path)
-    common = ["plan", str(tmp_path), "--gpus", "2", "--sp", "2", "--micro-num", "1", "--checkpoint", "1"]
+    common = ["plan", str(tmp_path), "--gpus", "2", "--sp", "2", "--micro-num", "1", "--checkpoint", "1",
+              "--no-fused-kernels"]
     assert main(common + ["--seq_len", "4096", "--check-fake"]) == 0
     out = capsys.readouterr().out
     assert "checked on fake tensors (rank 0 of 2" in out and "tracked" in out

@@ -7,7 +7,7 @@
     seqpack plan path/to/hf_folder --gpus 8         # any local model folder, config.json or InternEvo config
     seqpack plan configs/shapes/llama-3-8b.json --gpus 16 --seq_len 524288 --sp 16 --ring 4  # 4 Ulysses x 4 ring
     seqpack plan configs/shapes/llama-3-8b.json --gpus 8 --sp 8 --seq_len 1048576 --micro-num 1 --checkpoint 1 \
-        --tiled-mlp --check-fake     # + the real training step run on fake tensors: tracked peak vs plan
+        --tiled-mlp --no-fused-kernels --check-fake  # + the real training step run on fake tensors: tracked peak vs plan
 
 The plan is the plan of the ``seqpack train`` run: every setting not given here comes from the config file (when a
 .py config is given) or from ``seqpack train``'s defaults — bf16 by FSDP2 mixed precision over float32 weights on

@@ -268,5 +268,8 @@ def compare(shape: ModelShape, opts: PlanOptions) -> Check:
     if opts.offload_checkpoints or opts.offload_optimizer:
         raise ValueError("the fake run cannot tell offloaded tensors from device memory (on the CPU both are the "
                          "same memory): check without --offload-checkpoints / --offload-optimizer")
+    if opts.fused_kernels:
+        raise ValueError("the fake run uses PyTorch's own RMSNorm, MLP and loss (Liger's Triton kernels do not run on "
+                         "fake CPU tensors): check with --no-fused-kernels")
     opts = replace(opts, device="cuda")
     return Check(plan_memory(shape, opts), fake_step(shape, opts))
