@@ -8,8 +8,6 @@ against seqpack's unsharded non-causal per-document kernel. Last, ``seqpack trai
 ``parallel.sequence_2D`` (2 x 2) logs the losses of a one-process run.
 """
 
-import json
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,6 +25,7 @@ from seqpack.train import load_config
 from flux_helpers import sample
 from test_flux_sp import _run_case
 from test_flux_train import TINY
+from test_llava_sp import _free_port, _losses
 
 TRAIN = TINY + ["--lr_scheduler.total_steps", "2", "--ckpt.checkpoint_every", "100"]
 SEQUENCE_2D = ["--parallel.tensor.size", "4", "--parallel.sequence_2D.enable", "True",
@@ -102,18 +101,6 @@ def _worker(rank, world, port, run_dir):
         train(load_config(None, TRAIN + SEQUENCE_2D + ["--train.run_dir", run_dir]))  # adopts this process group
     finally:
         topo.destroy()
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_flux_ulysses_x_ring_equals_single_process(tmp_path):
