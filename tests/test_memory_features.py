@@ -120,6 +120,20 @@ def test_optimizer_offload_is_the_same_step():
     assert isinstance(model._get_fsdp_state()._fsdp_param_group.offload_policy, CPUOffloadPolicy)
 
 
+def test_tiled_attention_is_the_same_step():
+    """model.tiled_attention recomputes each KV head group's attention in backward (inside the checkpointed
+    layers' recomputation here): the loss and gradients of seqpack train's step equal the one-call backward's, in
+    float32 and with bf16 + both offloads. Heads are independent, so only SDPA's blocking over fewer heads may
+    move the last bits."""
+    rows = _rows(5, [[29, 18, 1], [40]])
+    tiled = {"model.tiled_attention": True}
+    for keys, tol in (({}, 1e-6), ({**BF16, **OFFLOADS}, 1e-6)):
+        want, _, _ = _one_process(_cfg(**keys), rows, steps=1)
+        got, _, _ = _one_process(_cfg(**keys, **tiled), rows, steps=1)
+        assert abs(got[0][0] - want[0][0]) <= tol * want[0][0], (keys, got[0][0], want[0][0])
+        assert _rel(got[0][1], want[0][1]) <= 10 * tol, (keys, _rel(got[0][1], want[0][1]))
+
+
 def test_bf16_packed_equals_per_document_within_bf16_error():
     """One packed row through the bf16 mixed-precision model (FSDP2 on a one-rank group) against each document
     alone through the same bf16 model: their difference is within the error bf16 itself makes per document (bf16
@@ -182,6 +196,8 @@ def _world_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
             _assert_bitwise(ckpt, fp32, f"{label}: checkpoint offload")
             opt, _, _ = _train_steps(_cfg(**{"hybrid_zero_optimizer.cpu_offload": True}), topo, rows)
             _assert_bitwise(opt, fp32, f"{label}: optimizer offload", steps=(0,))
+            tiled, _, _ = _train_steps(_cfg(**{"model.tiled_attention": True}), topo, rows, steps=1)
+            assert abs(tiled[0][0] - fp32[0][0]) <= 1e-6 * fp32[0][0] and _rel(tiled[0][1], fp32[0][1]) <= 1e-5, label
             bf16, _, _ = _train_steps(_cfg(**BF16), topo, rows)
             every, _, _ = _train_steps(_cfg(**BF16, **OFFLOADS), topo, rows)
             _assert_bitwise(every, bf16, f"{label}: bf16 + both offloads", steps=(0,))
@@ -214,7 +230,8 @@ class _Alone:
 
 
 def test_features_alone_and_together_under_dp2_and_sp2(tmp_path):
-    """gloo, FSDP2 over 2 ranks: offloads bitwise against the same world without them; fp32 and bf16 + both
-    offloads against one process on the whole step (every DP rank's rows, unsharded)."""
+    """gloo, FSDP2 over 2 ranks: offloads bitwise against the same world without them, tiled attention within
+    float32 rounding of it; fp32 and bf16 + both offloads against one process on the whole step (every DP rank's
+    rows, unsharded)."""
     mp.spawn(_world_main, args=(2, str(tmp_path / "pg"), str(tmp_path)), nprocs=2, join=True)
     assert {"ok0", "ok1"} <= set(os.listdir(tmp_path))

@@ -347,3 +347,25 @@ def test_cli_reports_host_memory_and_its_limit(tmp_path, capsys):
     assert "host memory does NOT fit in 16 GiB per node" in out
     assert main(["plan", str(tmp_path), *flags, "--host-mem", "plenty"]) == 2
     assert "--host-mem 'plenty'" in capsys.readouterr().err
+
+
+def test_readme_long_context_figures_are_what_seqpack_plan_prints(capsys):
+    """The README's two Llama-3-8B goal rows come from its two commands (run here), and meet the goals: 8 x 80 GiB
+    past 4M tokens within 2 TiB of host memory per node, one 141 GB GPU past DeepSpeed ALST's 1.2M."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    commands = [c.replace("\\\n", " ") for c in re.findall(r"seqpack plan configs/shapes/llama-3-8b\.json --gpus "
+                                                           r"(?:[^\n\\]|\\\n)*", readme) if "--offload" in c]
+    assert len(commands) == 2, commands
+    for command, goal in zip(commands, (4_000_000, 1_200_000)):
+        argv = shlex.split(command)[1:]
+        argv[1] = str(root / argv[1])
+        assert main(argv + ["--json"]) == 0
+        fit = next(iter(json.loads(capsys.readouterr().out)["longest"].values()))
+        tokens, host = fit["options"]["seq_len"], fit["host_per_node"] / GiB
+        assert tokens >= goal
+        assert f"**{tokens:,}** tokens | {host:,.0f} GiB" in readme, (command, tokens, host)

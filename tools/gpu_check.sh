@@ -2,10 +2,11 @@
 # The GPU checks of seqpack, in one command, for a lent GPU machine with a short time budget (see docs/guides/gpus.md).
 #
 #   bash tools/gpu_check.sh [main|flex|memory|all]   # main (default): tests + bench packing + a seqpack train run;
-#                                                     # memory: seqpack bench longest (TinyLlama shape, everything on)
+#                                                     # memory: seqpack bench longest (TinyLlama shape, everything
+#                                                     # on) and seqpack bench offload at 64K tokens
 #
 # Writes every log under $OUT (default ./gpu_out): env.txt, pytest.log, bench_16k.log, bench_long.log, train.log,
-# flex.log, the JSON results, and a one-line summary per part in summary.txt. Each part has its own time limit,
+# flex.log, longest.log, offload.log, the JSON results, and a one-line summary per part in summary.txt. Each part has its own time limit,
 # so one part that hangs or fails leaves the others' results. Wheels the machine lacks (tools/gpu_wheels.sh
 # downloads them into .whl/) are installed into /tmp/site first when .whl/ is there.
 #
@@ -35,12 +36,14 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
         --model.num_attention_heads 4 --model.num_kv_attention_heads 2 --data.seq_len 512 --data.max_docs 400)
     LONGEST_ARGS=(--mem 256MiB --hidden 128 --layers 2 --heads 4 --kv-heads 2 --vocab 4096 --granularity 1024
         --max-tokens 65536)
+    OFFLOAD_ARGS=(--seq-len 1024 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --vocab 512)
 else
     DEVICE=cuda; MODEL=tinyllama; SHORT="${GPU_CHECK_SHORT:-16384}"; LONG="${GPU_CHECK_LONG:-65536 131072}"
     STEPS="${GPU_CHECK_STEPS:-3}"; TRAIN_ARGS=(--model.hidden_size 2048 --model.num_layers 22
         --model.num_attention_heads 32 --model.num_kv_attention_heads 4 --model.checkpoint True
         --data.seq_len "$SHORT")
     LONGEST_ARGS=(--hidden 2048 --layers 22 --heads 32 --kv-heads 4 --inter 5632 --vocab 32000)
+    OFFLOAD_ARGS=(--seq-len 65536 --hidden 2048 --layers 22 --heads 32 --kv-heads 4 --inter 5632 --vocab 32000)
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, one summary line
@@ -83,7 +86,8 @@ if [ "$PART" = flex ] || [ "$PART" = all ]; then
         --methods flex-packed flex-posids --steps "$STEPS" --json "$OUT/flex.json"
 fi
 if [ "$PART" = memory ] || [ "$PART" = all ]; then  # the longest row that trains, TinyLlama shape, everything on
-    part longest 500 "$PY" -m seqpack.cli bench longest --device "$DEVICE" "${LONGEST_ARGS[@]}" --checkpoint 1 \
-        --tiled-mlp --offload-checkpoints --offload-optimizer --json
+    part longest 400 "$PY" -m seqpack.cli bench longest --device "$DEVICE" "${LONGEST_ARGS[@]}" --checkpoint 1 \
+        --tiled-mlp --tiled-attention --offload-checkpoints --offload-optimizer --json
+    part offload 150 "$PY" -m seqpack.cli bench offload --device "$DEVICE" "${OFFLOAD_ARGS[@]}" --steps 2 --repeats 1
 fi
 cat "$OUT/summary.txt"

@@ -42,6 +42,7 @@ class AttentionOptions:
     backend: str = "auto"
     sp_group: object | None = field(default=None, repr=False)  # Ulysses (head) process group (parallel/)
     ring_group: object | None = field(default=None, repr=False)  # ring (context) process group of 2D SP
+    tiled: bool = False  # backward one key/value head group at a time (seqpack.attention.tiled)
     used: set = field(default_factory=set, repr=False)  # backends packed calls actually ran on ("torch_varlen", ...)
 
 
@@ -95,9 +96,9 @@ def seqpack_attention_forward(module, query, key, value, attention_mask, scaling
         local = spec if alibi_slopes is None else replace(
             spec, alibi_slopes=_rank_alibi_slopes(alibi_slopes, k.shape[1], sp_size, sp_rank))
         out = ulysses_attention(q, k, v, opts.sp_group, lambda q, k, v: varlen_attention(
-            q, k, v, cu, max_seqlen, local, backend, cu_tensor))
+            q, k, v, cu, max_seqlen, local, backend, cu_tensor, tiled=opts.tiled))
     else:
-        out = varlen_attention(q, k, v, cu, max_seqlen, spec, backend, cu_tensor)  # [T, N, D]
+        out = varlen_attention(q, k, v, cu, max_seqlen, spec, backend, cu_tensor, tiled=opts.tiled)  # [T, N, D]
     return out[None], None
 
 
@@ -183,7 +184,7 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, seqpack_mask)
 
 
-def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
+def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None, tiled_attention: bool = False):
     """Switch an existing model (e.g. from ``from_pretrained``) to seqpack attention, in place; returns it.
     A multimodal model (LLaVA) switches only its language model; its vision encoder keeps a bidirectional
     implementation (:mod:`seqpack.attention.multimodal`).
@@ -193,6 +194,9 @@ def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
     2D sequence parallel: ``sp_group`` is the Ulysses (head) group and ``ring_group`` the ring (context) group,
     as ``ParallelDims`` gives them (``topo.ulysses_group``, ``topo.ring_group``); a LLaVA then keeps each rank's
     chunks of the ring split of its merged embeddings.
+    ``tiled_attention``: the attention backward runs one key/value head group at a time, recomputing that group's
+    forward (:mod:`seqpack.attention.tiled`: the kernel's backward buffers shrink by the number of KV heads);
+    ring attention has its own blockwise backward and ignores it.
 
         >>> model = seqpack.dispatch(AutoModelForCausalLM.from_config(cfg))  # doctest: +SKIP
     """
@@ -221,7 +225,7 @@ def dispatch(model, backend: str = "auto", sp_group=None, ring_group=None):
         model.set_attn_implementation(previous)
         raise
     _install(model, AttentionOptions(backend=backend, sp_group=sp_group if group_size(sp_group) > 1 else None,
-                                     ring_group=ring_group if ring else None))
+                                     ring_group=ring_group if ring else None, tiled=bool(tiled_attention)))
     return model
 
 

@@ -16,6 +16,7 @@ Backends (chosen per call by :func:`seqpack.attention.backends.resolve_backend`)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from ..batch import length_buckets
 from . import backends
 from .backends import BACKENDS, resolve_backend  # noqa: F401  (re-exported)
+from .tiled import tiled_attention
 
 
 @dataclass(frozen=True)
@@ -40,22 +42,28 @@ class AttnSpec:
 
 
 def varlen_attention(q, k, v, cu: list[int], max_seqlen: int, spec: AttnSpec, backend: str = "auto",
-                     cu_tensor: torch.Tensor | None = None) -> torch.Tensor:
+                     cu_tensor: torch.Tensor | None = None, tiled: bool = False) -> torch.Tensor:
     """Attention within documents (causal unless ``spec.causal`` is False). q [T, N, D], k/v [T, Nkv, D] ->
-    [T, N, D], in the compute dtype (the autocast dtype under ``torch.autocast``, else q's)."""
+    [T, N, D], in the compute dtype (the autocast dtype under ``torch.autocast``, else q's). ``tiled``: the
+    backward runs one key/value head group at a time (:mod:`seqpack.attention.tiled`)."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
     dtype = backends.compute_dtype(q)  # under autocast: the autocast dtype (RoPE leaves q/k in float32 there)
     backend = backends.resolve_backend(backend, q.device, spec, dtype, q.shape[-1])
     if backend == "sdpa":
-        return _bucketed_sdpa(q, k, v, cu, spec)
-    if cu_tensor is None or cu_tensor.device != q.device:
-        cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
-    q, k, v = (x.to(dtype) for x in (q, k, v))  # the kernel's dtype; the output stays in it, as with SDPA
-    return backends.kernel(backend)(q, k, v, cu_tensor.to(torch.int32), max_seqlen, spec)
+        attend = functools.partial(_bucketed_sdpa, cu=cu)
+    else:
+        if cu_tensor is None or cu_tensor.device != q.device:
+            cu_tensor = torch.tensor(cu, dtype=torch.int32, device=q.device)
+        q, k, v = (x.to(dtype) for x in (q, k, v))  # the kernel's dtype; the output stays in it, as with SDPA
+        kernel, cu_tensor = backends.kernel(backend), cu_tensor.to(torch.int32)
+
+        def attend(q, k, v, spec):
+            return kernel(q, k, v, cu_tensor, max_seqlen, spec)
+    return tiled_attention(attend, q, k, v, spec) if tiled else attend(q, k, v, spec)
 
 
-def _bucketed_sdpa(q, k, v, cu: list[int], spec: AttnSpec) -> torch.Tensor:
+def _bucketed_sdpa(q, k, v, spec: AttnSpec, cu: list[int]) -> torch.Tensor:
     T = q.shape[0]
     starts, lengths = cu[:-1], [b - a for a, b in zip(cu, cu[1:])]
     if len(lengths) == 1:  # one document spans the row: no gather needed

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=None,
                         help="MLP over sequence tiles, recomputed in backward (default: model.tiled_mlp, off)")
     parser.add_argument("--mlp-tile", type=positive_int, help="tokens per MLP tile (default: hidden size)")
+    parser.add_argument("--tiled-attention", action=argparse.BooleanOptionalAction, default=None,
+                        help="attention backward one key/value head group at a time, recomputing its forward "
+                        "(default: model.tiled_attention, off)")
     parser.add_argument("--offload-checkpoints", action=argparse.BooleanOptionalAction, default=None,
                         help="inputs of checkpointed layers in pinned host memory (default: "
                         "model.offload_checkpoints, off)")
@@ -135,6 +138,7 @@ def options_from(args, cfg) -> PlanOptions:
         chunked_loss=pick(args.chunked_loss, cfg.loss.chunked), loss_chunk=pick(args.loss_chunk, cfg.loss.chunk_size),
         tiled_mlp=pick(args.tiled_mlp, bool(tiled)),
         mlp_tile=pick(args.mlp_tile, None if isinstance(tiled, bool) else int(tiled)),
+        tiled_attention=pick(getattr(args, "tiled_attention", None), cfg.model.tiled_attention),
         keep_logits=args.keep_logits, kv_repeat=args.kv_repeat,
         fused_kernels=pick(getattr(args, "fused_kernels", None), train_fused_kernels(cfg.model.fused_kernels,
                                                                                        args.device)), doc_len=args.doc_len, slack=args.slack,
@@ -214,6 +218,7 @@ def describe_settings(opts: PlanOptions, gpu_bytes: int, with_seq: bool = True, 
               else "no optimizer state",
               f"chunked loss ({opts.loss_chunk} tokens)" if opts.chunked_loss else "full-logits loss",
               "tiled MLP" if opts.tiled_mlp else "plain MLP",
+              "tiled attention backward" if opts.tiled_attention else "one-call attention backward",
               "Liger fused kernels" if opts.fused_kernels else "no fused kernels", f"micro_num {opts.micro_num}"]
     parts += ["checkpoint inputs on the host"] if opts.offload_checkpoints else []
     return "settings: " + ", ".join(parts)

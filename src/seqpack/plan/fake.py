@@ -140,6 +140,7 @@ def train_config(shape: ModelShape, opts: PlanOptions):
         multiple_of=multiple, vocab_size=shape.vocab_size, tie_embeddings=shape.tie_embeddings,
         max_position_embeddings=opts.seq_len, checkpoint=opts.checkpoint,
         tiled_mlp=(opts.mlp_tile or True) if opts.tiled_mlp else False, offload_checkpoints=opts.offload_checkpoints,
+        tiled_attention=opts.tiled_attention,
         attn_backend="flash_attn", fused_kernels=False, **precision[opts.precision])
     return from_dict(dict(
         model_type=shape.model_type, model=model, loss=dict(chunked=opts.chunked_loss, chunk_size=opts.loss_chunk),

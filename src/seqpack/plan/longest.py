@@ -44,6 +44,7 @@ class Features:
     mlp_tile: int | None = None  # None: hidden size tokens
     offload_checkpoints: bool = False
     offload_optimizer: bool = False
+    tiled_attention: bool = False  # attention backward one key/value head group at a time
 
     def __post_init__(self):
         if self.offload_checkpoints and self.checkpoint <= 0:
@@ -71,17 +72,20 @@ def train_config(shape: ModelShape, f: Features, device: str):
             "model.mlp_ratio": (shape.intermediate_size - 0.5) / shape.hidden_size, "model.multiple_of": 1,
             "model.tie_embeddings": shape.tie_embeddings, "model.checkpoint": f.checkpoint,
             "model.tiled_mlp": f.mlp_tile or f.tiled_mlp, "model.offload_checkpoints": f.offload_checkpoints,
+            "model.tiled_attention": f.tiled_attention,
             "hybrid_zero_optimizer.cpu_offload": f.offload_optimizer, "loss.chunked": f.chunked_loss,
             "loss.chunk_size": f.loss_chunk, "train.device": device, **PRECISION_KEYS[f.precision]}
     return load_config(None, [x for k, v in keys.items() for x in (f"--{k}", str(v))])
 
 
-def plan_options(f: Features, seq_len: int, device: str) -> PlanOptions:
-    """``seqpack plan``'s options for the measured step: one rank, one micro-batch, AdamW."""
-    return PlanOptions(seq_len, checkpoint=f.checkpoint, precision=f.precision, device=device,
+def plan_options(f: Features, seq_len: int, device: str, doc_len: int | None = None) -> PlanOptions:
+    """``seqpack plan``'s options for the measured step: one rank, one micro-batch, AdamW, documents of
+    ``doc_len`` tokens."""
+    return PlanOptions(seq_len, checkpoint=f.checkpoint, precision=f.precision, device=device, doc_len=doc_len,
                        micro_num=1, keep_logits=True, chunked_loss=f.chunked_loss, loss_chunk=f.loss_chunk,
                        tiled_mlp=f.tiled_mlp or f.mlp_tile is not None, mlp_tile=f.mlp_tile,
-                       offload_checkpoints=f.offload_checkpoints, offload_optimizer=f.offload_optimizer)
+                       offload_checkpoints=f.offload_checkpoints, offload_optimizer=f.offload_optimizer,
+                       tiled_attention=f.tiled_attention)
 
 
 @dataclass
@@ -222,7 +226,7 @@ def find_longest(shape: ModelShape, f: Features, device: Device, granularity: in
                  max_tokens: int = 1 << 20) -> Longest:
     """Bisect the longest packed row (a multiple of ``granularity``) whose real step fits ``device``'s budget."""
     cfg = train_config(shape, f, device.kind)
-    plan = longest_fit(shape, plan_options(f, granularity, device.kind), device.budget, multiple=granularity)
+    plan = longest_fit(shape, plan_options(f, granularity, device.kind, device.doc_len), device.budget, multiple=granularity)
     planned = plan.options.seq_len if plan is not None else 0
     tried: dict[int, Attempt] = {}
 
@@ -233,7 +237,7 @@ def find_longest(shape: ModelShape, f: Features, device: Device, granularity: in
 
     lo, hi = bisect_longest(fits, max(planned // granularity, 1), max_tokens // granularity)
     T = lo * granularity
-    planned_peak = plan_memory(shape, plan_options(f, T, device.kind)).allocated if T else 0
+    planned_peak = plan_memory(shape, plan_options(f, T, device.kind, device.doc_len)).allocated if T else 0
     return Longest(f, granularity, device.budget, T, hi * granularity, tried[lo].peak if lo else 0, planned,
                    planned_peak, [tried[n] for n in sorted(tried)])
 
@@ -281,7 +285,7 @@ def render(shape: ModelShape, result: Longest, times: dict, device: Device) -> s
     """The results as Markdown tables."""
     f, mib = result.features, 2**20
     on = [f"checkpoint {f.checkpoint:.0%}", f.precision, "chunked loss" if f.chunked_loss else "full logits"]
-    on += ["tiled MLP"] * (f.tiled_mlp or f.mlp_tile is not None)
+    on += ["tiled MLP"] * (f.tiled_mlp or f.mlp_tile is not None) + ["tiled attention"] * f.tiled_attention
     on += ["checkpoint offload"] * f.offload_checkpoints + ["optimizer offload"] * f.offload_optimizer
     where = "CPU (tracked budget)" if device.kind == "cpu" else device.torch.cuda.get_device_name(device.topo.device)
     ratio = f"{result.measured / result.planned:.2f}" if result.planned else "-"
@@ -308,7 +312,8 @@ EXAMPLES = """examples:
   seqpack bench longest --mem 512MiB --hidden 128 --layers 2 --checkpoint 1
   seqpack bench longest --mem 512MiB --checkpoint 1 --offload-checkpoints --json
   seqpack bench longest --hidden 2048 --layers 22 --heads 32 --kv-heads 4 --inter 5632 --vocab 32000 \\
-      --checkpoint 1 --tiled-mlp --offload-checkpoints --offload-optimizer --granularity 4096   # on a GPU"""
+      --checkpoint 1 --tiled-mlp --tiled-attention --offload-checkpoints --offload-optimizer \
+      --granularity 4096   # on a GPU"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -338,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tiled-mlp", action=argparse.BooleanOptionalAction, default=False,
                         help="MLP over sequence tiles, recomputed in backward (default off)")
     parser.add_argument("--mlp-tile", type=positive_int, help="tokens per MLP tile (default: hidden size)")
+    parser.add_argument("--tiled-attention", action=argparse.BooleanOptionalAction, default=False,
+                        help="attention backward one key/value head group at a time, recomputing its forward "
+                        "(default off)")
     parser.add_argument("--offload-checkpoints", action=argparse.BooleanOptionalAction, default=False,
                         help="inputs of checkpointed layers in host memory (needs --checkpoint)")
     parser.add_argument("--offload-optimizer", action=argparse.BooleanOptionalAction, default=False,
@@ -378,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         shape = shape_of(args)
         features = Features(args.checkpoint, args.precision or ("bf16-mixed" if kind == "cuda" else "fp32"),
                             args.chunked_loss, args.loss_chunk, args.tiled_mlp, args.mlp_tile,
-                            args.offload_checkpoints, args.offload_optimizer)
+                            args.offload_checkpoints, args.offload_optimizer, args.tiled_attention)
         budget = parse_memory(args.mem, "--mem") if args.mem else None
         if kind == "cpu":
             torch.set_num_threads(1)

@@ -92,9 +92,10 @@ class PlanOptions:
     loss_chunk: int = 4096
     tiled_mlp: bool = False  # MLP over tiles of mlp_tile tokens, recomputed in backward
     mlp_tile: int | None = None  # None: hidden_size tokens (DeepSpeed ALST's choice)
+    tiled_attention: bool = False  # attention backward one KV head group at a time (model.tiled_attention)
     kv_repeat: bool = False  # the attention kernel cannot share KV heads (torch 2.11 varlen_attn): k, v get N heads
     fused_kernels: bool = False  # Liger's RMSNorm, SwiGLU, RoPE and linear cross-entropy (model.fused_kernels)
-    doc_len: int | None = None  # document length for attention FLOPs; None: one document fills the row
+    doc_len: int | None = None  # document length (attention FLOPs; CPU attention's gather); None: one fills the row
     slack: float = 0.10  # allocator fragmentation, as a fraction of the allocated peak
     reserve_gib: float = 1.0  # CUDA context + NCCL buffers, outside the allocator
     offload_checkpoints: bool = False  # checkpointed layer inputs in pinned host memory (model.offload_checkpoints)
@@ -183,6 +184,21 @@ def fused(shape: ModelShape, opts: PlanOptions) -> bool:
     return opts.fused_kernels and shape.model_type in FAMILIES
 
 
+# float32 [t, h] temporaries an HF RMSNorm's backward holds at its peak besides its fp32 input (dY is freed): dX's first
+# term (through 1/rms) and, in the backward of x.pow(2).mean(-1), the expanded mean gradient, x^1, 2x and their
+# product (traced operator by operator with seqpack.bench.budget in tests/test_plan.py)
+NORM_BACKWARD_FP32 = 5
+
+
+def norm_bytes(width: int, consumers: int, prec: Precision, liger: bool) -> int:
+    """Bytes per token one RMSNorm keeps for backward: its fp32 input, the normalised tensor, its output (under
+    autocast one bf16 copy per consuming linear; ``consumers=0``: the output itself, in the stream's dtype, as the
+    tiled MLP and the chunked loss keep it) and 1/rms; Liger's: X, Y and RSTD."""
+    a, s = prec.act, prec.stream
+    output = s * width if consumers == 0 else (consumers if prec.autocast else 1) * a * width
+    return s * width + output + 4 if liger else 4 * width + s * width + output + 4
+
+
 def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
     """Bytes one decoder layer keeps for backward, per local token, by part (norms, attention, mlp)."""
     from ..parallel.heads import plan_heads
@@ -195,18 +211,52 @@ def layer_saved_bytes(shape: ModelShape, opts: PlanOptions) -> dict[str, int]:
         shape.num_heads, shape.num_kv_heads, opts.ulysses).kv_repeat
     kv = nkv * D
 
-    def norm(width: int, consumers: int) -> int:  # fp32 input, normalised, output (cast copies), 1/rms
-        output = (consumers if prec.autocast else 1) * a * width
-        return s * width + output + 4 if liger else 4 * width + s * width + output + 4  # Liger: X, Y, RSTD
+    def norm(width: int, consumers: int) -> int:
+        return norm_bytes(width, consumers, prec, liger)
 
     # q, k, v, the output (ring attention: its float32 merge) and the fp32 log-sum-exp; the Ulysses all-to-all's
     out = 4 * q if opts.ring > 1 else a * q
-    attn = a * (q + 2 * kv) + out + 4 * shape.num_heads + (a * q if opts.ulysses > 1 else 0)
+    # o_proj's input: the Ulysses all-to-all's output; on the CPU's per-document attention the outputs gathered
+    # back into row order when the row holds several documents (a kernel's varlen output is o_proj's input itself)
+    several = opts.doc_len is not None and opts.doc_len < opts.seq_len
+    proj_input = a * q if opts.ulysses > 1 or (opts.device == "cpu" and opts.ring == 1 and several) else 0
+    attn = a * (q + 2 * kv) + out + 4 * shape.num_heads + proj_input
     if shape.qk_norm:  # per-head norms of the projections (their outputs go into RoPE, which keeps only cos/sin)
         width = q + shape.num_kv_heads * D  # Liger: the projection itself (its output is rotated in place)
         attn += (0 if liger else 4 * width) + a * width + 4 * (shape.num_heads + shape.num_kv_heads)
-    return dict(norms=norm(h, 3) + norm(h, 1 if opts.tiled_mlp else 2), attention=attn,
+    return dict(norms=norm(h, 3) + norm(h, 0 if opts.tiled_mlp else 2), attention=attn,
                 mlp=0 if opts.tiled_mlp else (3 if liger else 4) * a * shape.intermediate_size)
+
+
+def attention_groups(shape: ModelShape, opts: PlanOptions) -> int:
+    """How many key/value head groups one attention backward runs one at a time: the KV heads of one rank after
+    the Ulysses split with ``tiled_attention`` (1 without it, with repeated KV heads, or with a ring)."""
+    local_kv_heads = shape.num_kv_heads // opts.ulysses
+    tiled = opts.tiled_attention and not opts.kv_repeat and opts.ring == 1
+    return local_kv_heads if tiled and local_kv_heads > 1 else 1
+
+
+def attention_workspace(shape: ModelShape, opts: PlanOptions, q: int, kv: int) -> int:
+    """Bytes per local token of one attention backward's buffers beyond the layer's saved tensors, for q query and
+    kv key/value elements per token (all heads; under Ulysses the kernel sees S x the tokens and 1/S of the heads:
+    the same bytes). On CUDA, flash-attn 2's ``mha_varlen_bwd``: the output's
+    gradient (its input), dq, dk, dv, dk/dv over all query heads when KV heads are shared (summed after), the fp32
+    dq accumulator and softmax_d. With ``tiled_attention`` (one KV head group at a time,
+    :mod:`seqpack.attention.tiled`) the full dq, dk, dv stay and those buffers shrink to one group's, plus the
+    group's contiguous q/k/v and output-gradient copies and its recomputed output and log-sum-exp. On the CPU the per-document SDPA
+    backward (measured by ``seqpack bench plan``), and under tiling one group's of it."""
+    a = PRECISIONS[opts.precision].act
+    D = shape.head_dim
+    heads, groups = q // D, attention_groups(shape, opts)
+    qg, kvg, hg = q // groups, kv // groups, heads // groups
+    if opts.device == "cuda":
+        kernel = a * (qg + 2 * kvg + (2 * qg if kvg < qg else 0)) + 4 * qg + 4 * hg  # one call's buffers
+        if groups == 1:
+            return a * q + kernel  # + the output's gradient
+        return a * (q + q + 2 * kv) + a * (qg + 2 * kvg) + 2 * a * qg + 4 * hg + kernel
+    if groups == 1:
+        return a * (3 * q + 2 * kv)
+    return a * (q + q + 2 * kv) + a * (qg + 2 * kvg) + a * (3 * qg + 2 * kvg) + a * qg + 4 * hg
 
 
 RING_TILE = 512  # seqpack.attention.ring_blocks.TILE
@@ -245,7 +295,9 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     offload = opts.offload_checkpoints and n_ckpt > 0 and cuda
     ckpt_input = 0 if offload else s * h
     held = [ckpt_input if j < n_ckpt else A for j in range(L)]  # per token, layer j
-    final = (s * h + (0 if flce else a * h) + 4) if liger else 4 * h + s * h + a * h + 4  # final norm
+    # the final norm (its output: the chunked loss keeps it, in the stream's dtype; the head, a cast copy)
+    final = (s * h + (0 if flce else a * h) + 4) if liger else norm_bytes(h, 0 if opts.chunked_loss else 1, prec,
+                                                                             False)
     rope = 2 * shape.head_dim * s  # cos, sin shared by every layer
     tile = min(opts.mlp_tile or h, t)
 
@@ -284,7 +336,7 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         logits_kept = 0
     elif opts.chunked_loss:  # one chunk's logits, their fp32 copy (none in fp32) and one fp32 softmax/CE buffer,
         c = min(opts.loss_chunk, t)  # + the gradients made in forward: the head's in fp32 [V, h], the hidden's [t, h]
-        loss_bytes = c * V * (a + 4 + (4 if a != 4 else 0)) + 4 * V * h + t * a * h
+        loss_bytes = c * V * (a + 4 + (4 if a != 4 else 0)) + 4 * V * h + t * s * h
         logits_kept = 0
     else:
         loss_bytes, logits_kept = t * 12 * V, (t * a * V if opts.keep_logits else 0)
@@ -305,6 +357,15 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
     ring = (2 * 2 * kv_local * a + 2 * 2 * kv_local * 4 + 4 * t * q
             + 5 * 4 * (shape.num_heads // opts.ulysses) * RING_TILE ** 2) if opts.ring > 1 else 0
     kvp = parts_kv(shape, opts)
+    norm2 = norm_bytes(h, 0 if opts.tiled_mlp else 2, prec, liger)  # the second RMSNorm's saved tensors
+    norm_backward = 4 * h + NORM_BACKWARD_FP32 * 4 * h  # its fp32 input and float32 temporaries (dY is freed)
+    if not liger:  # the final RMSNorm's backward: every held input, its output's gradient (made in forward by the
+        # chunked loss, by the head's backward otherwise) and the same temporaries
+        phases["final norm backward"] = dict(
+            base, fsdp_gathered=(P_layer + shape.root_params) * p if sharded else 0, gradients=grads(0, False),
+            held_activations=t * (sum(held) + rope), layer_working=t * norm_backward,
+            attention_workspace=0, sp_all_to_all=0, ring_buffers=0, logits_loss=logits_kept,
+            autocast_casts=casts(L - n_ckpt))
     for k in reversed(range(L)):  # backward of layer k: layers < k still held, layer k's tensors (recomputed)
         # a checkpointed layer's input: a bf16 input is not the HF norm's fp32 copy (it is Liger's saved X)
         extra_input = s * h if k < n_ckpt and s != 4 and not liger else 0
@@ -315,18 +376,17 @@ def plan_memory(shape: ModelShape, opts: PlanOptions) -> Plan:
         else:  # grads of the SiLU*up product
             mlp_temps = 2 * a * i * t if not opts.tiled_mlp else 7 * a * i * tile
         mlp_phase = t * (A + extra_input + s * h) + mlp_temps  # + the gradient flowing in
+        # the second RMSNorm's backward (not Liger's, which writes dX into dY): MLP freed, the norm's fp32 input,
+        # its output's gradient and its float32 temporaries at once (NORM_BACKWARD_FP32 x 4h)
+        norm_phase = 0 if liger else t * (A - parts["mlp"] - norm2 + extra_input + s * h + norm_backward)
         # attention backward: MLP and second norm freed; under SP the send + receive buffers of one all-to-all
         attn_phase = t * (A - parts["mlp"] - parts["norms"] // 2 + extra_input + s * h)
-        if cuda:  # flash-attn 2's mha_varlen_bwd: the output's gradient (its input), dq, dk, dv, dk/dv over all N
-            # heads when the KV heads are shared (summed into dk/dv after), the fp32 dq accumulator and softmax_d
-            workspace = t * (a * (2 * q + 2 * kvp + (2 * q if kvp < q else 0)) + 4 * q + 4 * shape.num_heads)
-        else:  # the per-document SDPA backward (measured by seqpack bench plan)
-            workspace = t * a * (3 * q + 2 * shape.num_kv_heads * shape.head_dim)
+        workspace = t * attention_workspace(shape, opts, q, kvp)
         if opts.ring > 1:  # the exact blockwise backward: dq, dk, dv live in the ring buffers
             workspace = t * a * q
         a2a = 2 * t * a * q if opts.ulysses > 1 else 0
-        working, workspace, a2a, ring_bufs = (mlp_phase, 0, 0, 0) \
-            if mlp_phase >= attn_phase + workspace + a2a + ring else (attn_phase, workspace, a2a, ring)
+        working, workspace, a2a, ring_bufs = (max(mlp_phase, norm_phase), 0, 0, 0) \
+            if max(mlp_phase, norm_phase) >= attn_phase + workspace + a2a + ring else (attn_phase, workspace, a2a, ring)
         phases[f"layer {k} backward"] = dict(
             base, gradients=grads((L - k) * P_layer, sharded), held_activations=t * (sum(held[:k]) + rope),
             layer_working=working, attention_workspace=workspace, sp_all_to_all=a2a, ring_buffers=ring_bufs,
@@ -392,6 +452,8 @@ def step_flops_estimate(shape: ModelShape, opts: PlanOptions, n_ckpt: int) -> tu
     attn_fwd = (model * opts.sp - 6.0 * flop_params * T) / 3 / shape.num_layers
     layer_fwd = 2.0 * shape.layer_params * T + attn_fwd
     extra = n_ckpt * layer_fwd
+    if attention_groups(shape, opts) > 1:  # tiled attention: every group's forward once more in backward
+        extra += shape.num_layers * attn_fwd
     if opts.tiled_mlp:
         extra += shape.num_layers * 2.0 * 3 * shape.hidden_size * shape.intermediate_size * T
     if opts.chunked_loss:

@@ -115,6 +115,12 @@ class ModelConfig:
     """Tiled MLP (DeepSpeed ALST): each decoder layer's MLP runs over sequence tiles and recomputes one tile at a
     time in backward, so its activation memory stops growing with T (costs one more MLP forward). False = off,
     True = tiles of hidden_size tokens, N = tiles of N tokens."""
+    tiled_attention: bool = False
+    """Tiled attention backward: each attention call's backward runs one key/value head group at a time (the
+    query heads sharing a KV head), recomputing that group's forward, so the kernel's backward buffers (flash
+    attention's float32 dq accumulator and its dk/dv expanded over the query heads) shrink by the number of KV
+    heads; exact, costs one more attention forward. Ring attention (sequence_2D context_size > 1) has its own
+    blockwise backward and does not use it."""
     fused_kernels: typing.Union[bool, str] = "auto"
     """Liger kernels on CUDA (RMSNorm, SwiGLU/GeGLU, RoPE, fused linear cross-entropy; ``pip install
     seqpack[cuda]``): "auto" = on when CUDA and liger-kernel are present and the family is supported, True =

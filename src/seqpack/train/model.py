@@ -94,7 +94,7 @@ def build_model(cfg: Config, vocab_size: int, topo=None) -> torch.nn.Module:
     #    mixers reset per document)
     groups = topo.attention_groups() if hasattr(topo, "attention_groups") else \
         dict(sp_group=getattr(topo, "sp_group", None))
-    seqpack.dispatch(model, backend=cfg.model.attn_backend, **groups)
+    seqpack.dispatch(model, backend=cfg.model.attn_backend, tiled_attention=cfg.model.tiled_attention, **groups)
     # 2) fused kernels (Liger on CUDA): RMSNorm, SwiGLU/GeGLU, RoPE forwards swapped on the instances
     fused = apply_fused_kernels(model, cfg.model.fused_kernels, device)
     say = (lambda text: print(f"seqpack train: {text}", flush=True)) if getattr(topo, "rank", 0) == 0 else \
