@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU checks of seqpack, in one command, for a lent GPU machine with a short time budget (see docs/guides/gpus.md).
 #
-#   bash tools/gpu_check.sh [main|flex|memory|all]   # main (default): tests + bench packing + a seqpack train run;
+#   bash tools/gpu_check.sh [main|flex|memory|ring|all]   # main (default): tests + bench packing + a seqpack train run;
 #                                                     # memory: seqpack bench longest (TinyLlama shape, everything
-#                                                     # on) and seqpack bench offload at 64K tokens
+#                                                     # on) and seqpack bench offload at 64K tokens;
+#                                                     # ring: seqpack bench ring (blockwise ring attention on 4
+#                                                     # virtual ranks vs one varlen call, bf16, 64K and 128K)
 #
 # Writes every log under $OUT (default ./gpu_out): env.txt, pytest.log, bench_16k.log, bench_long.log, train.log,
-# flex.log, longest.log, offload.log, the JSON results, and a one-line summary per part in summary.txt. Each part has its own time limit,
+# flex.log, longest.log, offload.log, ring.log, the JSON results, and a one-line summary per part in summary.txt. Each part has its own time limit,
 # so one part that hangs or fails leaves the others' results. Wheels the machine lacks (tools/gpu_wheels.sh
 # downloads them into .whl/) are installed into /tmp/site first when .whl/ is there.
 #
@@ -37,6 +39,7 @@ if [ "${GPU_CHECK_DRY:-0}" = 1 ]; then
     LONGEST_ARGS=(--mem 256MiB --hidden 128 --layers 2 --heads 4 --kv-heads 2 --vocab 4096 --granularity 1024
         --max-tokens 65536)
     OFFLOAD_ARGS=(--seq-len 1024 --hidden 64 --layers 2 --heads 4 --kv-heads 2 --vocab 512)
+    RING_ARGS=(--T 2048 --heads 4 --kv-heads 2 --head-dim 16)
 else
     DEVICE=cuda; MODEL=tinyllama; SHORT="${GPU_CHECK_SHORT:-16384}"; LONG="${GPU_CHECK_LONG:-65536 131072}"
     STEPS="${GPU_CHECK_STEPS:-3}"; TRAIN_ARGS=(--model.hidden_size 2048 --model.num_layers 22
@@ -44,6 +47,7 @@ else
         --data.seq_len "$SHORT")
     LONGEST_ARGS=(--hidden 2048 --layers 22 --heads 32 --kv-heads 4 --inter 5632 --vocab 32000)
     OFFLOAD_ARGS=(--seq-len 65536 --hidden 2048 --layers 22 --heads 32 --kv-heads 4 --inter 5632 --vocab 32000)
+    RING_ARGS=(--T 65536 131072 --heads 32 --kv-heads 8 --head-dim 128)
 fi
 
 part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $OUT/NAME.log, one summary line
@@ -89,5 +93,8 @@ if [ "$PART" = memory ] || [ "$PART" = all ]; then  # the longest row that train
     part longest 400 "$PY" -m seqpack.cli bench longest --device "$DEVICE" "${LONGEST_ARGS[@]}" --checkpoint 1 \
         --tiled-mlp --tiled-attention --offload-checkpoints --offload-optimizer --json
     part offload 150 "$PY" -m seqpack.cli bench offload --device "$DEVICE" "${OFFLOAD_ARGS[@]}" --steps 2 --repeats 1
+fi
+if [ "$PART" = ring ] || [ "$PART" = all ]; then  # ring attention's blockwise cost, Llama-3-8B's head layout
+    part ring 400 "$PY" -m seqpack.cli bench ring --device "$DEVICE" "${RING_ARGS[@]}" --ring 4 --repeats 2
 fi
 cat "$OUT/summary.txt"

@@ -8,6 +8,8 @@
 - ``trainer``: transformers' Trainer with seqpack packing vs padded batches; SequenceParallelTrainer sp = 1, 2, 4.
 - ``plan``: ``seqpack plan``'s predicted peak memory against the measured peak of real steps (CPU, gloo).
 - ``offload``: step time of bf16 mixed precision vs float32 and of each offload vs none; bytes moved off the GPU.
+- ``ring``: ring attention's blockwise kernels and float32 merges (C virtual ranks on one device) vs one varlen
+  kernel call over the same documents.
 - ``longest``: the longest packed row that trains one step within the device's memory, against the plan's, and the
   step time there with and without each offload.
 """
@@ -19,7 +21,7 @@ import importlib
 BENCHES = {"packing": "seqpack.bench.packing", "sp": "seqpack.bench.sp", "data": "seqpack.data.bench_data",
            "train": "seqpack.bench.train", "plan": "seqpack.plan.bench", "trainer": "seqpack.bench.trainer",
            "flux": "seqpack.bench.flux", "offload": "seqpack.bench.offload",
-           "longest": "seqpack.plan.longest"}
+           "longest": "seqpack.plan.longest", "ring": "seqpack.bench.ring_blocks"}
 
 
 def add_arguments(parser):
